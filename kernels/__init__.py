@@ -1,0 +1,1 @@
+"""Fused Triton kernels with torch references, installed as `megatron_rl.kernels`."""

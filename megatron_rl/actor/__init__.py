@@ -1,0 +1,1 @@
+"""Megatron-Core side: parallel init, CPU compat, model builders, forward/backward, checkpoints."""

@@ -1,0 +1,158 @@
+"""The policy being trained: Megatron-Core model chunks, optimizer, LR schedule, checkpoints.
+
+Process groups must exist before an `Actor` is built (`parallel.init_distributed`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from megatron_rl.actor import checkpoint, compat
+from megatron_rl.actor.config import ActorConfig, ModelConfig, ParallelConfig
+from megatron_rl.actor.model import build_model
+from megatron_rl.actor.step import LossFn, MicroBatch, StepShape, forward_backward, forward_logprobs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one optimizer step did."""
+
+    stats: dict[str, float]
+    grad_norm: float
+    lr: float
+    updated: bool
+    """False when the step was skipped (non-finite gradients)."""
+
+
+def _use_distributed_optimizer(actor: ActorConfig) -> bool:
+    if actor.use_distributed_optimizer and compat.needed():
+        # Megatron's distributed optimizer checks that every param is a torch.cuda tensor type
+        # and shards gradients with reduce-scatter, which the gloo backend does not implement.
+        # Emulating both on CPU would test the emulation, not Megatron: use the plain optimizer.
+        log.warning("actor.use_distributed_optimizer needs CUDA (reduce-scatter over NCCL); "
+                    "using Megatron's plain optimizer on CPU")
+        return False
+    return actor.use_distributed_optimizer
+
+
+def _optimizer_config(actor: ActorConfig, params_dtype: torch.dtype) -> OptimizerConfig:
+    return OptimizerConfig(
+        optimizer=actor.optimizer,
+        lr=actor.lr,
+        min_lr=actor.min_lr,
+        weight_decay=actor.weight_decay,
+        adam_beta1=actor.adam_beta1,
+        adam_beta2=actor.adam_beta2,
+        adam_eps=actor.adam_eps,
+        clip_grad=actor.clip_grad,
+        bf16=params_dtype == torch.bfloat16,
+        params_dtype=params_dtype,
+        use_distributed_optimizer=_use_distributed_optimizer(actor),
+    )
+
+
+class Actor:
+    """Megatron-Core policy with its optimizer; every method is collective over all ranks."""
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        parallel: ParallelConfig,
+        actor: ActorConfig,
+        total_steps: int = 1,
+    ) -> None:
+        self.model_cfg, self.parallel_cfg, self.actor_cfg = model, parallel, actor
+        self.model, self.config = build_model(model, parallel, actor)
+        self.optimizer = get_megatron_optimizer(
+            _optimizer_config(actor, self.config.params_dtype), self.model
+        )
+        # Megatron's schedules call these hooks: grad sync at the end of backward, loss scale.
+        self.config.finalize_model_grads_func = finalize_model_grads
+        self.config.grad_scale_func = self.optimizer.scale_loss
+        self.config.no_sync_func = (
+            self.model[0].no_sync if len(self.model) == 1 else [m.no_sync for m in self.model]
+        )
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer,
+            init_lr=0.0 if actor.lr_warmup_steps else actor.lr,
+            max_lr=actor.lr,
+            min_lr=actor.min_lr,
+            lr_warmup_steps=actor.lr_warmup_steps,
+            lr_decay_steps=max(total_steps, actor.lr_warmup_steps + 1),
+            lr_decay_style=actor.lr_decay_style,
+            start_wd=actor.weight_decay,
+            end_wd=actor.weight_decay,
+            wd_incr_steps=max(total_steps, 1),
+            wd_incr_style="constant",
+        )
+
+    def shape(self, seq_length: int, micro_batch_size: int, temperature: float = 1.0) -> StepShape:
+        """The static shapes of a batch of micro-batches."""
+        return StepShape(seq_length, micro_batch_size, self.model_cfg.vocab_size, temperature)
+
+    def train_step(
+        self, microbatches: Sequence[MicroBatch], loss_fn: LossFn, temperature: float = 1.0
+    ) -> StepResult:
+        """Forward+backward over all micro-batches, then one optimizer step."""
+        mb0 = microbatches[0].tokens
+        for chunk in self.model:
+            chunk.train()
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        stats = forward_backward(
+            self.model, microbatches, loss_fn, self.shape(mb0.shape[1], mb0.shape[0], temperature)
+        )
+        updated, grad_norm, _ = self.optimizer.step()
+        if updated:
+            self.scheduler.step(increment=1)
+        grad_norm = float("nan") if grad_norm is None else float(grad_norm)
+        return StepResult(stats, grad_norm, self.lr, bool(updated))
+
+    def logprobs(
+        self, microbatches: Sequence[MicroBatch], temperature: float = 1.0
+    ) -> list[torch.Tensor]:
+        """Log-probs [b, s] of each micro-batch's labels under the current weights."""
+        for chunk in self.model:
+            chunk.eval()
+        mb0 = microbatches[0].tokens
+        return forward_logprobs(
+            self.model, microbatches, self.shape(mb0.shape[1], mb0.shape[0], temperature)
+        )
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def sharded_state_dict(self, with_optimizer: bool = True) -> dict[str, Any]:
+        """Model (and optimizer, scheduler) state keyed by global, layout-free tensor names."""
+        state: dict[str, Any] = {
+            f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(self.model)
+        }
+        if with_optimizer:
+            state["optimizer"] = self.optimizer.sharded_state_dict(state)
+            state["scheduler"] = self.scheduler.state_dict()
+        return state
+
+    def save(self, root: str | os.PathLike, name: str, with_optimizer: bool = True) -> str:
+        """Write a checkpoint `<root>/<name>` atomically; returns its path."""
+        return str(checkpoint.save_sharded(self.sharded_state_dict(with_optimizer), root, name))
+
+    def load(self, path: str | os.PathLike, with_optimizer: bool = True) -> None:
+        """Load a checkpoint saved under any parallel layout into this one."""
+        loaded = checkpoint.load_sharded(self.sharded_state_dict(with_optimizer), path)
+        for i, chunk in enumerate(self.model):
+            chunk.module.load_state_dict(loaded[f"model{i}"], strict=True)
+        if with_optimizer:
+            self.optimizer.load_state_dict(loaded["optimizer"])
+            self.scheduler.load_state_dict(loaded["scheduler"])

@@ -1,0 +1,81 @@
+"""Megatron `dist_checkpointing` save/load, atomic and re-shardable.
+
+A checkpoint is written into `<dir>/.tmp-<name>` by all ranks and renamed to `<dir>/<name>` by
+rank 0 only once every rank has finished, so a crash mid-save never leaves a checkpoint that
+looks complete. `<dir>/latest` names the newest one and is itself replaced atomically.
+Tensors are stored by their global (unsharded) keys, so a checkpoint saved under one
+TP/PP/EP/DP layout loads under another.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+
+LATEST = "latest"
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def save_sharded(state: dict[str, Any], root: str | os.PathLike, name: str) -> Path:
+    """Save a sharded state dict as `<root>/<name>` atomically; returns the final path."""
+    root = Path(root)
+    final, tmp = root / name, root / f".tmp-{name}"
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    _barrier()
+    dist_checkpointing.save(state, str(tmp))
+    _barrier()
+    if _rank() == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        latest_tmp = root / f".{LATEST}.tmp"
+        latest_tmp.write_text(name + "\n")
+        os.replace(latest_tmp, root / LATEST)
+    _barrier()
+    return final
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """A checkpoint directory, or a root holding `latest`, -> the checkpoint directory."""
+    path = Path(path)
+    if (path / LATEST).is_file():
+        path = path / (path / LATEST).read_text().strip()
+    if not (path / "metadata.json").is_file():
+        raise FileNotFoundError(
+            f"{path}: not a Megatron dist checkpoint (no metadata.json) and no '{LATEST}' file"
+        )
+    return path
+
+
+def load_sharded(sharded_state: dict[str, Any], path: str | os.PathLike) -> dict[str, Any]:
+    """Load tensors for `sharded_state` (this rank's shards) from a checkpoint dir or root."""
+    return dist_checkpointing.load(sharded_state, str(resolve(path)))
+
+
+def prune(root: str | os.PathLike, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` checkpoints under `root` (rank 0 only)."""
+    root = Path(root)
+    if _rank() != 0 or keep_last <= 0 or not root.is_dir():
+        return
+    done = sorted(
+        (p for p in root.iterdir() if p.is_dir() and (p / "metadata.json").is_file()),
+        key=lambda p: p.stat().st_mtime,
+    )
+    for old in done[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,193 @@
+"""Run Megatron-Core on CPU: the one place that knows CUDA may be absent.
+
+Megatron-Core assumes CUDA in a handful of places (device arguments, RNG trackers, streams,
+Transformer Engine names, a grad-type assert in clipping). `activate()` patches exactly those,
+and only when `torch.cuda.is_available()` is False, so every other module of ours is ordinary
+Megatron-Core code that runs unchanged on GPUs. DESIGN.md section 2 lists what was verified.
+
+The patches:
+- a `TorchFunctionMode` mapping `device="cuda"`, `"cuda:N"` and integer devices to CPU, and
+  `Tensor.cuda()` / `.to("cuda")` to no-ops;
+- `torch.cuda` device, stream, event and synchronize calls made inert, and its RNG calls
+  mapped to the CPU generator (Megatron's model-parallel RNG tracker forks that state);
+- `moe_utils.te_general_gemm = None` (a name Megatron only defines when TE imports);
+- `maybe_move_tensor_to_cpu(..., as_numpy=True)` returning numpy for CPU tensors, since the
+  all-to-all dispatcher needs host split sizes;
+- `HAVE_TE = False` in every Megatron module that a `MagicMock` fooled into True;
+- `clip_grad_by_total_norm_fp32` without its `torch.cuda.FloatTensor` assert.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import logging
+import sys
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_ACTIVE = False
+_MODE: TorchFunctionMode | None = None
+
+
+def te_available() -> bool:
+    """True when Transformer Engine really imports (not Megatron's MagicMock stand-in)."""
+    if importlib.util.find_spec("transformer_engine") is None:
+        return False
+    try:
+        importlib.import_module("transformer_engine.pytorch")
+    except Exception:  # noqa: BLE001 - any failure means TE is unusable here
+        return False
+    return True
+
+
+def needed() -> bool:
+    """The compat layer is needed exactly when CUDA is absent."""
+    return not torch.cuda.is_available()
+
+
+def _is_cuda_device(dev: Any) -> bool:
+    if isinstance(dev, torch.device):
+        return dev.type == "cuda"
+    if isinstance(dev, str):
+        return dev.startswith("cuda")
+    return isinstance(dev, int) and not isinstance(dev, bool)
+
+
+class _CpuDeviceMode(TorchFunctionMode):
+    """Rewrites CUDA device arguments of any torch call to CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs["device"] = "cpu"
+        name = getattr(func, "__name__", "")
+        if name == "cuda":  # Tensor.cuda()
+            return args[0]
+        if name == "to" and args:
+            args = tuple("cpu" if (i > 0 and _is_cuda_device(a)) else a for i, a in enumerate(args))
+        return func(*args, **kwargs)
+
+
+class _InertStream:
+    """Stand-in for `torch.cuda.Stream`/`Event`: every method does nothing and returns another
+    inert object (so `stream.record_event().synchronize()` chains work)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *a, **k: _InertStream()
+
+    def __enter__(self) -> _InertStream:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def _patch_torch_cuda() -> None:
+    cuda = torch.cuda
+    cuda.current_device = lambda: "cpu"
+    cuda.device_count = lambda: 0
+    cuda.set_device = lambda *a, **k: None
+    cuda.synchronize = lambda *a, **k: None
+    cuda.empty_cache = lambda *a, **k: None
+    cuda.Stream = _InertStream
+    cuda.Event = _InertStream
+    cuda.current_stream = lambda *a, **k: _InertStream()
+    cuda.default_stream = lambda *a, **k: _InertStream()
+    cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    cuda.memory_allocated = lambda *a, **k: 0
+    cuda.max_memory_allocated = lambda *a, **k: 0
+    cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
+    cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    # torch.manual_seed itself calls cuda.manual_seed_all: seed the CPU generator directly.
+    cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    cuda.manual_seed_all = lambda seed: None
+    cuda.random.get_rng_state = cuda.get_rng_state
+    cuda.random.set_rng_state = cuda.set_rng_state
+
+
+def _patch_megatron() -> None:
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.tensor_parallel import random as mrandom
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    # The tracker warns when the CPU RNG moves inside a "GPU" fork; on CPU they are the same
+    # generator by design, so the warning is noise.
+    logging.getLogger(mrandom.__name__).setLevel(logging.ERROR)
+    mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+
+    moe_utils.te_general_gemm = None
+
+    def maybe_move_tensor_to_cpu(tensor: Any, as_numpy: bool = False, record_stream: bool = False):
+        if torch.is_tensor(tensor):
+            tensor = tensor.detach().to("cpu")
+            return tensor.numpy() if as_numpy else tensor
+        return tensor
+
+    moe_utils.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+    def clip_grad_by_total_norm_fp32(
+        parameters: Any, max_norm: float, total_norm: float, use_decoupled_grad: bool = False
+    ) -> None:
+        """Megatron's clip by total norm without its CUDA-only grad type assert."""
+        if isinstance(parameters, torch.Tensor):
+            parameters = [parameters]
+        attr = "decoupled_grad" if use_decoupled_grad else "grad"
+        grads = [getattr(p, attr) for p in parameters if getattr(p, attr, None) is not None]
+        clip_coeff = max_norm / (total_norm + 1.0e-6)
+        if clip_coeff < 1.0:
+            for g in grads:
+                g.detach().mul_(clip_coeff)
+
+    clip_grads.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+    for mod_name in ("megatron.core.optimizer.optimizer", "megatron.core.optimizer"):
+        mod = sys.modules.get(mod_name)
+        if mod is not None and hasattr(mod, "clip_grad_by_total_norm_fp32"):
+            mod.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+
+
+def _unfool_have_te() -> None:
+    """Set HAVE_TE False where Megatron's MagicMock stand-in for TE made it read True."""
+    # Import the modules the GPT/MoE/MLA paths use so their flags exist before we fix them.
+    for name in (
+        "megatron.core.models.gpt.gpt_model",
+        "megatron.core.models.gpt.gpt_layer_specs",
+        "megatron.core.transformer.multi_latent_attention",
+        "megatron.core.transformer.moe.moe_layer",
+        "megatron.core.transformer.moe.experts",
+        "megatron.core.transformer.moe.shared_experts",
+    ):
+        importlib.import_module(name)
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("megatron.core") and getattr(mod, "HAVE_TE", None) is True:
+            mod.HAVE_TE = False
+
+
+def activate() -> bool:
+    """Switch the CPU compat layer on if CUDA is absent; idempotent. Returns whether it is on."""
+    global _ACTIVE, _MODE
+    if _ACTIVE:
+        return True
+    if not needed():
+        return False
+    _patch_torch_cuda()
+    _patch_megatron()
+    if not te_available():
+        _unfool_have_te()
+    _MODE = _CpuDeviceMode()
+    _MODE.__enter__()
+    _ACTIVE = True
+    return True
+
+
+def is_active() -> bool:
+    """Whether `activate()` patched this process."""
+    return _ACTIVE

@@ -1,0 +1,256 @@
+"""Config sections owned by the actor: model shape, parallel layout, optimizer, checkpoints.
+
+Only field-level checks live here; checks that combine sections (e.g. heads divisible by tp)
+run in `megatron_rl.config.load_config`. Translation to Megatron-Core's `TransformerConfig`
+happens in exactly one place in the actor, not here.
+"""
+
+from dataclasses import dataclass
+from typing import Literal
+
+from megatron_rl.configurable import (
+    divisors,
+    one_of,
+    require,
+    require_non_negative,
+    require_positive,
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Transformer (optionally MoE) architecture, named as in Megatron-Core."""
+
+    vocab_size: int = 512
+    """Tokenizer vocabulary size (Megatron pads it for TP internally)."""
+    hidden_size: int = 64
+    """Model width."""
+    num_layers: int = 2
+    """Number of transformer layers."""
+    num_attention_heads: int = 4
+    """Query heads per layer."""
+    num_query_groups: int | None = None
+    """Key/value heads for GQA; None = num_attention_heads (plain multi-head attention)."""
+    kv_channels: int | None = None
+    """Head dimension; None = hidden_size / num_attention_heads."""
+    ffn_hidden_size: int = 256
+    """Intermediate size of the dense MLP (dense layers of an MoE model too)."""
+    max_position_embeddings: int = 512
+    """Longest sequence the rotary embedding is sized for."""
+    rotary_base: float = 10000.0
+    """RoPE base (theta)."""
+    norm_epsilon: float = 1e-6
+    """RMSNorm epsilon."""
+    add_qkv_bias: bool = False
+    """Bias on the QKV projection (Qwen2 style)."""
+    qk_layernorm: bool = False
+    """RMSNorm on queries and keys per head (Qwen3 style)."""
+    tie_embeddings: bool = False
+    """Share the input embedding with the output layer."""
+    init_method_std: float = 0.02
+    """Std of the normal init for freshly initialised weights."""
+    num_experts: int = 0
+    """Routed experts per MoE layer; 0 = dense model."""
+    moe_ffn_hidden_size: int | None = None
+    """Intermediate size of one routed expert; None = ffn_hidden_size."""
+    moe_router_topk: int = 2
+    """Experts each token is routed to."""
+    moe_shared_expert_intermediate_size: int | None = None
+    """Total intermediate size of the shared expert(s); None = no shared expert."""
+    moe_router_score_function: Literal["softmax", "sigmoid"] = "softmax"
+    """Router score function (DeepSeek-V3 uses sigmoid)."""
+    moe_router_load_balancing_type: Literal["aux_loss", "seq_aux_loss", "none"] = "aux_loss"
+    """Load-balancing loss kind."""
+    moe_aux_loss_coeff: float = 0.0
+    """Weight of the load-balancing loss; 0 = off."""
+    moe_router_enable_expert_bias: bool = False
+    """Aux-loss-free balancing with a per-expert bias (DeepSeek-V3); needs sigmoid scores."""
+    moe_router_bias_update_rate: float = 1e-3
+    """Step size of the expert-bias update."""
+    moe_router_num_groups: int | None = None
+    """Expert groups for group-limited routing (DeepSeek-V3 node-limited); None = off."""
+    moe_router_group_topk: int | None = None
+    """Groups each token may use under group-limited routing."""
+    moe_router_topk_scaling_factor: float | None = None
+    """Scale applied to the top-k routing weights; None = 1."""
+    moe_router_pre_softmax: bool = False
+    """Softmax before top-k (required by Megatron for top-1 softmax routing)."""
+    moe_layer_freq: int | list[int] = 1
+    """Which layers are MoE: int k = every k-th layer; list = one 0/1 per layer (as Megatron)."""
+    moe_token_dispatcher_type: Literal["alltoall", "allgather"] = "alltoall"
+    """How tokens reach their experts across the expert-parallel group."""
+
+    def validate(self) -> None:
+        """Field-level checks; the messages name the field and the fix."""
+        require_positive(self, "vocab_size", "hidden_size", "num_layers", "num_attention_heads",
+                         "num_query_groups", "kv_channels", "ffn_hidden_size",
+                         "max_position_embeddings", "rotary_base", "norm_epsilon",
+                         "init_method_std")
+        groups = self.num_query_groups or self.num_attention_heads
+        require(self.num_attention_heads % groups == 0, "num_query_groups",
+                f"num_attention_heads={self.num_attention_heads} is not divisible by {groups}",
+                f"choose one of {one_of(divisors(self.num_attention_heads))}")
+        if self.kv_channels is None:
+            require(self.hidden_size % self.num_attention_heads == 0, "num_attention_heads",
+                    f"hidden_size={self.hidden_size} is not divisible by "
+                    f"{self.num_attention_heads} heads",
+                    f"choose one of {one_of(divisors(self.hidden_size))} or set kv_channels")
+        self._validate_layer_freq()
+        require_non_negative(self, "num_experts")
+        if self.num_experts > 0:
+            self._validate_moe()
+
+    def _validate_layer_freq(self) -> None:
+        freq = self.moe_layer_freq
+        if isinstance(freq, int):
+            require(freq >= 1, "moe_layer_freq", f"must be >= 1, got {freq}",
+                    "use 1 for all layers MoE, k for every k-th layer, or a 0/1 list")
+            return
+        require(len(freq) == self.num_layers, "moe_layer_freq",
+                f"has {len(freq)} entries but num_layers={self.num_layers}",
+                "give one 0/1 entry per layer")
+        require(all(v in (0, 1) for v in freq), "moe_layer_freq",
+                f"entries must be 0 or 1, got {freq}", "use 1 for an MoE layer, 0 for dense")
+
+    def _validate_moe(self) -> None:
+        require_positive(self, "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size",
+                         "moe_router_topk_scaling_factor")
+        require_non_negative(self, "moe_aux_loss_coeff")
+        require(1 <= self.moe_router_topk <= self.num_experts, "moe_router_topk",
+                f"must be in 1..num_experts={self.num_experts}, got {self.moe_router_topk}",
+                "route each token to at least one and at most all experts")
+        require(self.moe_router_topk > 1 or self.moe_router_score_function != "softmax"
+                or self.moe_router_pre_softmax, "moe_router_pre_softmax",
+                "top-1 softmax routing needs softmax before top-k (Megatron rule)",
+                "set moe_router_pre_softmax=true")
+        if self.moe_router_enable_expert_bias:
+            # Megatron-Core 0.16 TransformerConfig rejects expert bias with softmax scores.
+            require(self.moe_router_score_function == "sigmoid", "moe_router_enable_expert_bias",
+                    "expert bias needs sigmoid router scores (Megatron rule)",
+                    "set moe_router_score_function=sigmoid")
+            require_positive(self, "moe_router_bias_update_rate")
+        groups, group_topk = self.moe_router_num_groups, self.moe_router_group_topk
+        require((groups is None) == (group_topk is None), "moe_router_group_topk",
+                "group-limited routing needs both moe_router_num_groups and "
+                "moe_router_group_topk", "set both or neither")
+        if groups is not None and group_topk is not None:
+            require(groups >= 1 and self.num_experts % groups == 0, "moe_router_num_groups",
+                    f"num_experts={self.num_experts} is not divisible by {groups} groups",
+                    f"choose one of {one_of(divisors(self.num_experts))}")
+            require(1 <= group_topk <= groups, "moe_router_group_topk",
+                    f"must be in 1..moe_router_num_groups={groups}, got {group_topk}",
+                    "pick fewer groups per token")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelConfig:
+    """Megatron-Core parallel layout and process-group settings."""
+
+    tp: int = 1
+    """Tensor-parallel size."""
+    pp: int = 1
+    """Pipeline-parallel size."""
+    ep: int = 1
+    """Expert-parallel size (MoE only)."""
+    etp: int | None = None
+    """Expert tensor-parallel size; None = tp (as Megatron)."""
+    cp: int = 1
+    """Context-parallel size."""
+    dp: int | None = None
+    """Data-parallel size; None = world_size / (tp*pp*cp), filled in at load time."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (needs tp > 1)."""
+    virtual_pp: int | None = None
+    """Virtual pipeline stages per rank (interleaved schedule); None = off."""
+    timeout_s: float = 120.0
+    """Timeout of every collective and process group, in seconds."""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """torch.distributed backend; auto = nccl with CUDA, gloo without."""
+
+    def validate(self) -> None:
+        """Sizes are >= 1; sequence parallelism needs tensor parallelism."""
+        for name in ("tp", "pp", "ep", "etp", "cp", "dp", "virtual_pp"):
+            value = getattr(self, name)
+            require(value is None or value >= 1, name, f"must be >= 1, got {value}",
+                    "use 1 to disable this kind of parallelism")
+        require_positive(self, "timeout_s")
+        require(not self.sequence_parallel or self.tp > 1, "sequence_parallel",
+                "sequence parallelism needs tensor parallelism (tp > 1)",
+                "set parallel.tp > 1 or parallel.sequence_parallel=false")
+
+    @property
+    def expert_tp(self) -> int:
+        """Expert tensor-parallel size with the Megatron default (etp None = tp) applied."""
+        return self.tp if self.etp is None else self.etp
+
+
+@dataclass(frozen=True, kw_only=True)
+class ActorConfig:
+    """Policy optimisation: optimizer, schedule, precision and micro-batching."""
+
+    optimizer: Literal["adam", "sgd"] = "adam"
+    """Optimizer (adam is AdamW: decoupled weight decay)."""
+    lr: float = 1e-6
+    """Peak learning rate."""
+    min_lr: float = 0.0
+    """Final learning rate of the decay schedule."""
+    lr_warmup_steps: int = 0
+    """Linear warm-up steps from 0 to lr."""
+    lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"
+    """Decay after warm-up, from lr to min_lr over the run."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.999
+    """Adam beta2."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clip; 0 = off."""
+    params_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Dtype of the model parameters (optimizer state stays fp32)."""
+    use_distributed_optimizer: bool = False
+    """Shard optimizer state over data-parallel ranks (Megatron distributed optimizer)."""
+    micro_batch_size: int = 1
+    """Samples per forward/backward micro-batch."""
+    seq_length: int = 256
+    """Maximum prompt + response tokens per sample."""
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recomputation granularity."""
+
+    def validate(self) -> None:
+        """Ranges of optimizer and batching settings."""
+        require_non_negative(self, "lr", "min_lr", "lr_warmup_steps", "weight_decay", "clip_grad")
+        require(self.min_lr <= self.lr, "min_lr", f"{self.min_lr} exceeds lr={self.lr}",
+                "use min_lr <= lr")
+        for name in ("adam_beta1", "adam_beta2"):
+            value = getattr(self, name)
+            require(0.0 <= value < 1.0, name, f"must be in [0, 1), got {value}", "e.g. 0.9")
+        require_positive(self, "adam_eps", "micro_batch_size")
+        require(self.seq_length >= 2, "seq_length", f"must be >= 2, got {self.seq_length}",
+                "room for at least one prompt and one response token")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+    """Where and how often the actor saves; what it starts from."""
+
+    dir: str = "outputs/checkpoints"
+    """Directory of the run's checkpoints."""
+    save_interval: int = 0
+    """Save every N steps; 0 = only at the end."""
+    resume: bool = False
+    """Resume from the latest checkpoint in dir, if one exists."""
+    keep_last: int = 2
+    """Checkpoints to keep (older ones are deleted); 0 = keep all."""
+    load: str | None = None
+    """Initial weights: a Megatron checkpoint dir or a HF model dir; None = random init."""
+
+    def validate(self) -> None:
+        """Non-negative counts and a non-empty directory."""
+        require(bool(self.dir.strip()), "dir", "is empty", "give a directory path")
+        require_non_negative(self, "save_interval", "keep_last")
+        require(self.load is None or bool(self.load.strip()), "load", "is empty",
+                "give a checkpoint or HF model directory, or null")
+

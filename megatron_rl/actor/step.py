@@ -1,0 +1,161 @@
+"""Forward/backward over micro-batches through Megatron-Core's own schedules (PP included).
+
+The loss contract (DESIGN.md section 4): a `LossFn` returns, per micro-batch, the *sum* of its
+per-token (or per-sequence) terms already divided by the step's global denominator, so the
+step loss is the plain sum over micro-batches and DP ranks whatever the split. Megatron
+averages over micro-batches and DP replicas; we multiply by both counts to undo that average.
+
+Shape legend: b = micro-batch size, s = sequence length, v = vocabulary slice of this TP rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_rl.actor.logprobs import token_logprobs
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch: tokens and per-token tensors the loss needs, all [b, s]."""
+
+    tokens: torch.Tensor
+    """Input ids [b, s] (int64)."""
+    labels: torch.Tensor
+    """Target id per position [b, s]: the next token."""
+    loss_mask: torch.Tensor
+    """1.0 where the token counts in the loss [b, s] (float32)."""
+    position_ids: torch.Tensor | None = None
+    """Positions [b, s]; None = 0..s-1 for every row."""
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Per-token or per-sequence tensors for the loss (advantages, old log-probs, ...)."""
+
+    def positions(self) -> torch.Tensor:
+        if self.position_ids is not None:
+            return self.position_ids
+        b, s = self.tokens.shape
+        return torch.arange(s, device=self.tokens.device).expand(b, s)
+
+
+LossFn = Callable[[torch.Tensor, MicroBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+"""(logprobs [b, s], micro-batch) -> (loss of this micro-batch over the global denominator,
+statistics to sum over micro-batches and DP ranks)."""
+
+
+def nll_loss(global_tokens: float) -> LossFn:
+    """Token-mean negative log-likelihood over `global_tokens` loss tokens of the whole step."""
+
+    def fn(logprobs: torch.Tensor, mb: MicroBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss = -(logprobs * mb.loss_mask).sum() / global_tokens
+        return loss, {"tokens": mb.loss_mask.sum()}
+
+    return fn
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """What the pipeline schedule needs to size its p2p buffers."""
+
+    seq_length: int
+    micro_batch_size: int
+    vocab_size: int
+    temperature: float = 1.0
+
+
+def _forward_step(
+    shape: StepShape,
+    loss_fn: LossFn | None,
+    scale: float,
+    data_iterator: Iterator[MicroBatch],
+    model: torch.nn.Module,
+):
+    mb = next(data_iterator)
+    output = model(mb.tokens, mb.positions(), None)
+
+    def loss_func(logits_bsv: torch.Tensor):
+        logprobs = token_logprobs(logits_bsv, mb.labels, shape.vocab_size, shape.temperature)
+        if loss_fn is None:  # forward only: hand back the log-probs
+            return torch.zeros((), device=logits_bsv.device), {"logprobs": logprobs.detach()}
+        loss, stats = loss_fn(logprobs, mb)
+        stats = {k: v.detach().float() for k, v in stats.items()}
+        stats["loss"] = loss.detach().float()
+        return loss * scale, stats
+
+    return output, loss_func
+
+
+def _sum_stats(per_mb: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Sum statistics over micro-batches, then over DP, then share them along the pipeline."""
+    keys = sorted(per_mb[0]) if per_mb else []
+    vec = torch.stack([sum(d[k] for d in per_mb) for k in keys]) if keys else torch.zeros(0)
+    n = torch.tensor([len(keys)], dtype=torch.long)
+    pp_group = parallel_state.get_pipeline_model_parallel_group()
+    last = parallel_state.get_pipeline_model_parallel_last_rank()
+    dist.broadcast(n, src=last, group=pp_group)
+    if vec.numel() != n.item():
+        vec = torch.zeros(int(n.item()))
+    dist.all_reduce(vec, group=parallel_state.get_data_parallel_group())
+    dist.broadcast(vec, src=last, group=pp_group)
+    keys = _broadcast_keys(keys, last, pp_group)
+    return {k: float(v) for k, v in zip(keys, vec.tolist(), strict=True)}
+
+
+def _broadcast_keys(keys: list[str], src: int, group) -> list[str]:
+    box = [keys]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
+
+
+def forward_backward(
+    model: list[torch.nn.Module],
+    microbatches: Sequence[MicroBatch],
+    loss_fn: LossFn,
+    shape: StepShape,
+) -> dict[str, float]:
+    """Run forward+backward on all micro-batches; gradients land in the DDP grad buffers.
+
+    Returns the summed statistics (including `loss`, the step loss) on every rank.
+    """
+    dp = parallel_state.get_data_parallel_world_size()
+    scale = float(len(microbatches) * dp)
+    per_mb = get_forward_backward_func()(
+        forward_step_func=partial(_forward_step, shape, loss_fn, scale),
+        data_iterator=[iter(microbatches) for _ in model],
+        model=model,
+        num_microbatches=len(microbatches),
+        seq_length=shape.seq_length,
+        micro_batch_size=shape.micro_batch_size,
+        forward_only=False,
+    )
+    return _sum_stats(per_mb)
+
+
+@torch.no_grad()
+def forward_logprobs(
+    model: list[torch.nn.Module], microbatches: Sequence[MicroBatch], shape: StepShape
+) -> list[torch.Tensor]:
+    """Log-probs [b, s] of each micro-batch's labels, available on every pipeline rank."""
+    out = get_forward_backward_func()(
+        forward_step_func=partial(_forward_step, shape, None, 1.0),
+        data_iterator=[iter(microbatches) for _ in model],
+        model=model,
+        num_microbatches=len(microbatches),
+        seq_length=shape.seq_length,
+        micro_batch_size=shape.micro_batch_size,
+        forward_only=True,
+    )
+    pp_group = parallel_state.get_pipeline_model_parallel_group()
+    last = parallel_state.get_pipeline_model_parallel_last_rank()
+    result = []
+    for i, mb in enumerate(microbatches):
+        buf = out[i]["logprobs"] if out else torch.empty(mb.tokens.shape, dtype=torch.float32)
+        dist.broadcast(buf, src=last, group=pp_group)
+        result.append(buf)
+    return result

@@ -1,0 +1,1 @@
+"""Pure-torch RL math: advantages, policy losses, KL, aggregation, sample shaping."""

@@ -1,0 +1,83 @@
+"""Config section owned by the algorithms: advantages, policy loss, KL and sample shaping.
+
+A `preset` (grpo, dapo, dr_grpo, gdpo) fills only the fields the user did not set explicitly;
+see `PRESETS` and DESIGN.md section 4 for the numbers.
+"""
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+from megatron_rl.configurable import require, require_non_negative, require_positive
+
+
+@dataclass(frozen=True, kw_only=True)
+class AlgorithmConfig:
+    """RL objective: advantage estimator, clipped policy loss, aggregation, KL, shaping."""
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        # DeepSeek-R1 / GRPO: symmetric clip, per-sequence token means, small k3 KL.
+        "grpo": {"advantage_estimator": "grpo", "eps_low": 0.2, "eps_high": 0.2,
+                 "loss_agg": "seq_mean_token_mean", "kl_coef": 0.001, "kl_estimator": "k3"},
+        # DAPO: clip-higher, token-level loss, dynamic sampling, soft overlong punishment, no KL.
+        "dapo": {"advantage_estimator": "grpo", "eps_low": 0.2, "eps_high": 0.28,
+                 "loss_agg": "token_mean", "dynamic_sampling": True, "overlong_penalty": True,
+                 "kl_coef": 0.0},
+        # Dr.GRPO: no std normalisation, per-sequence token sums over a constant length.
+        "dr_grpo": {"advantage_estimator": "dr_grpo", "eps_low": 0.2, "eps_high": 0.2,
+                    "loss_agg": "seq_mean_token_sum_norm"},
+        # GDPO: per-reward group normalisation, then batch normalisation of the weighted sum.
+        "gdpo": {"advantage_estimator": "gdpo", "loss_agg": "token_mean"},
+    }
+
+    preset: Literal["grpo", "dapo", "dr_grpo", "gdpo"] | None = None
+    """Named recipe filling the fields not set explicitly; None = use the field defaults."""
+    advantage_estimator: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp_baseline", "gdpo"] = (
+        "grpo")
+    """How group rewards become advantages."""
+    adv_eps: float = 1e-6
+    """Epsilon added to the std in advantage normalisation."""
+    eps_low: float = 0.2
+    """Lower clip range: ratio >= 1 - eps_low."""
+    eps_high: float = 0.2
+    """Upper clip range: ratio <= 1 + eps_high (DAPO clip-higher uses 0.28)."""
+    dual_clip_c: float | None = None
+    """Dual-clip bound c (> 1) for negative advantages; None = off."""
+    sequence_level_ratio: bool = False
+    """Use the per-sequence geometric-mean ratio (GSPO) instead of per-token ratios."""
+    tis_cap: float | None = None
+    """Truncated importance-sampling cap on the engine/actor ratio; None = off."""
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = (
+        "seq_mean_token_mean")
+    """How token losses are aggregated (denominators are global over the step)."""
+    kl_coef: float = 0.0
+    """Weight of the KL penalty to the reference model; 0 = no reference model."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    """KL estimator (k3 = exp(ref - logp) - (ref - logp) - 1)."""
+    entropy_coef: float = 0.0
+    """Weight of the entropy bonus; 0 = off."""
+    dynamic_sampling: bool = False
+    """Drop groups whose rewards all agree and draw more prompts (DAPO)."""
+    max_gen_batches: int = 4
+    """Most generation batches per step when dynamic sampling refills the batch."""
+    overlong_filter: bool = False
+    """Mask the loss of truncated responses."""
+    overlong_penalty: bool = False
+    """Soft overlong punishment (DAPO) with overlong_max_len and overlong_cache_len."""
+    overlong_max_len: int | None = None
+    """L_max of the soft punishment; None = rollout.max_new_tokens (resolved at load time)."""
+    overlong_cache_len: int | None = None
+    """L_cache of the soft punishment; None = max(1, L_max // 4) (resolved at load time)."""
+
+    def validate(self) -> None:
+        """Ranges of the clip, KL and shaping settings."""
+        require(0 <= self.eps_low < 1, "eps_low", f"must be in [0, 1), got {self.eps_low}",
+                "e.g. 0.2")
+        require_non_negative(self, "eps_high", "kl_coef", "entropy_coef")
+        require_positive(self, "adv_eps", "tis_cap", "max_gen_batches", "overlong_max_len",
+                         "overlong_cache_len")
+        require(self.dual_clip_c is None or self.dual_clip_c > 1, "dual_clip_c",
+                f"must be > 1, got {self.dual_clip_c}", "e.g. 3.0, or null to disable")
+        if self.overlong_max_len is not None and self.overlong_cache_len is not None:
+            require(self.overlong_cache_len < self.overlong_max_len, "overlong_cache_len",
+                    f"{self.overlong_cache_len} is not below overlong_max_len="
+                    f"{self.overlong_max_len}", "use a cache shorter than the maximum length")

@@ -1,0 +1,140 @@
+"""The `megatron-rl` command line: parses arguments and dispatches, nothing more.
+
+Every subcommand is one row of `SUBCOMMANDS`: its one-line help, its handler and the issue that
+tracks it. A handler is `None` (not built yet: the command says so on stderr and exits 2), a
+callable `handler(args: argparse.Namespace) -> int`, or a lazy import path `"module:function"`
+naming such a callable (so that `megatron-rl --help` imports nothing heavy). Plugging in a
+subcommand is a one-line change of its row, e.g.::
+
+    "train": Subcommand("Run RL training ...", "megatron_rl.trainer:cli_main", 7, _add_config_args),
+
+The exit status is the handler's return value; 2 means a usage error or a command not built yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+from megatron_rl import __version__
+
+PROG = "megatron-rl"
+DEFAULT_CONFIG = "configs/tiny_moe_cpu.yaml"
+EXIT_USAGE = 2
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _key_value(text: str) -> str:
+    """Validate one `--set` override: `KEY=VALUE` with a non-empty dotted key; returned as is."""
+    key, sep, _ = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. rl.lr=1e-6), got {text!r}")
+    return text
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    """`config` (optional positional, the tiny CPU default) and repeatable `--set KEY=VALUE`."""
+    parser.add_argument(
+        "config",
+        nargs="?",
+        default=DEFAULT_CONFIG,
+        help=f"YAML config file (default: {DEFAULT_CONFIG})",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        metavar="KEY=VALUE",
+        action="append",
+        type=_key_value,
+        default=[],
+        help="override one config field by its dotted name, e.g. --set parallel.tp=2 "
+        "(repeatable; applied in order after the YAML)",
+    )
+
+
+def _add_submit_args(parser: argparse.ArgumentParser) -> None:
+    """Config arguments plus `--dry-run`."""
+    _add_config_args(parser)
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the rendered sbatch script instead of submitting it",
+    )
+
+
+def _add_nothing(parser: argparse.ArgumentParser) -> None:
+    """Subcommands whose arguments are defined when they are built."""
+
+
+class Subcommand(NamedTuple):
+    """One row of the dispatch table."""
+
+    help: str
+    handler: Handler | str | None
+    issue: int
+    add_arguments: Callable[[argparse.ArgumentParser], None] = _add_nothing
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {
+    "train": Subcommand(
+        "Run RL training (GRPO/DAPO/GDPO) from a YAML config", None, 7, _add_config_args
+    ),
+    "eval": Subcommand("Evaluate a checkpoint: pass@k, cons@k, avg@k", None, 7, _add_config_args),
+    "convert": Subcommand("Convert checkpoints between Hugging Face and Megatron", None, 5),
+    "plan": Subcommand(
+        "Estimate per-GPU memory and step time for a config", None, 9, _add_config_args
+    ),
+    "submit": Subcommand(
+        "Render an sbatch script for a config and submit it to Slurm", None, 9, _add_submit_args
+    ),
+    "profile": Subcommand("Profile kernel throughput (time, bytes/s, FLOP/s)", None, 8),
+    "serve": Subcommand("Serve a model over SGLang-compatible HTTP routes", None, 6),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with one subparser per row of `SUBCOMMANDS`."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="RL post-training for Mixture-of-Experts LMs on Megatron-Core.",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    for name, sub in SUBCOMMANDS.items():
+        child = subparsers.add_parser(name, help=sub.help, description=sub.help)
+        sub.add_arguments(child)
+    return parser
+
+
+def _resolve(handler: Handler | str) -> Handler:
+    """Import a `"module:function"` handler lazily; return callables unchanged."""
+    if callable(handler):
+        return handler
+    module_name, _, attr = handler.partition(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse `argv` (default: `sys.argv[1:]`), dispatch, and return the exit status."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    sub = SUBCOMMANDS[args.command]
+    if sub.handler is None:
+        print(
+            f"{PROG} {args.command}: not built yet (tracked in issue {sub.issue})", file=sys.stderr
+        )
+        return EXIT_USAGE
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return int(_resolve(sub.handler)(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

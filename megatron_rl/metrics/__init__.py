@@ -1,0 +1,1 @@
+"""Tensorboard and console metrics; pass@k, cons@k, avg@k."""

@@ -1,0 +1,1 @@
+"""Reward functions from a sample to a score, and their registry."""

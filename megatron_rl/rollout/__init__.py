@@ -1,0 +1,1 @@
+"""Generation engines (embedded transformers, SGLang), weight sync and the group sampler."""

@@ -1,0 +1,57 @@
+"""Config section owned by rollout: the generation engine and sampling settings."""
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from megatron_rl.configurable import require, require_non_negative, require_positive
+
+
+@dataclass(frozen=True, kw_only=True)
+class RolloutConfig:
+    """How responses are generated: engine, group size, sampling parameters, weight sync."""
+
+    engine: Literal["transformers", "sglang"] = "transformers"
+    """Generation engine: embedded transformers (CPU/tests) or SGLang."""
+    prompts_per_step: int = 8
+    """Prompts (groups) per training step."""
+    n_samples_per_prompt: int = 8
+    """Responses per prompt (the group size G)."""
+    over_sampling: float = 1.0
+    """Draw this many times prompts_per_step per generation batch (>= 1; for dynamic sampling)."""
+    temperature: float = 1.0
+    """Sampling temperature (the actor applies the same one to its log-probs)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass; 1 = off."""
+    top_k: int = -1
+    """Top-k sampling; -1 = off."""
+    max_new_tokens: int = 64
+    """Longest response, in tokens."""
+    engine_urls: list[str] = field(default_factory=list)
+    """SGLang server URLs; empty = the engine runs in-process."""
+    weight_sync_bucket_mb: int = 64
+    """Size of one weight-sync bucket, in MiB."""
+    request_timeout_s: float = 60.0
+    """Timeout of one request to an engine server, in seconds."""
+    max_retries: int = 3
+    """Retries of a failed engine request before the step fails."""
+    routing_replay: bool = False
+    """Replay the engine's routed experts in the actor's forward (MoE only)."""
+
+    def validate(self) -> None:
+        """Sampling parameters in range; URLs only for SGLang."""
+        require_positive(self, "prompts_per_step", "n_samples_per_prompt", "max_new_tokens",
+                         "weight_sync_bucket_mb", "request_timeout_s")
+        require_non_negative(self, "max_retries")
+        require(self.over_sampling >= 1.0, "over_sampling",
+                f"must be >= 1, got {self.over_sampling}", "use 1.0 to draw exactly what is needed")
+        require(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}",
+                "use 1.0 for plain sampling")
+        require(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}",
+                "use 1.0 to disable nucleus sampling")
+        require(self.top_k == -1 or self.top_k >= 1, "top_k", f"got {self.top_k}",
+                "use -1 (off) or a value >= 1")
+        require(all(url.strip() for url in self.engine_urls), "engine_urls",
+                "contains an empty URL", "e.g. [http://host:30000]")
+        require(not self.engine_urls or self.engine == "sglang", "engine_urls",
+                "given but engine is 'transformers', which runs in-process",
+                "set rollout.engine=sglang or rollout.engine_urls=[]")
