@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -75,7 +76,10 @@ class Actor:
         self.model_cfg, self.parallel_cfg, self.actor_cfg = model, parallel, actor
         self.model, self.config = build_model(model, parallel, actor)
         self.optimizer = get_megatron_optimizer(
-            _optimizer_config(actor, self.config.params_dtype), self.model
+            _optimizer_config(actor, self.config.params_dtype),
+            self.model,
+            # init_distributed makes no duplicate gloo groups when the default backend is gloo.
+            use_gloo_process_groups=dist.get_backend() != "gloo",
         )
         # Megatron's schedules call these hooks: grad sync at the end of backward, loss scale.
         self.config.finalize_model_grads_func = finalize_model_grads
@@ -137,7 +141,7 @@ class Actor:
     def sharded_state_dict(self, with_optimizer: bool = True) -> dict[str, Any]:
         """Model (and optimizer, scheduler) state keyed by global, layout-free tensor names."""
         state: dict[str, Any] = {
-            f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(self.model)
+            f"model{i}": chunk.module.sharded_state_dict() for i, chunk in enumerate(self.model)
         }
         if with_optimizer:
             state["optimizer"] = self.optimizer.sharded_state_dict(state)

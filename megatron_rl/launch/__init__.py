@@ -1,0 +1,1 @@
+"""Launching ranks: local process spawning here; torchrun and sbatch come with their issues."""

@@ -1,0 +1,171 @@
+"""The actor gives the same logits, loss and post-step weights under TP/PP/EP/DP as at 1 rank.
+
+A 1-rank run saves the initial weights; each 2-rank layout loads them re-sharded through
+dist_checkpointing, computes logits and the token-mean NLL on the same global batch, takes one
+optimizer step and saves; a 1-rank process then loads both post-step checkpoints (re-sharding
+back) and compares every parameter.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_rl.launch.spawn import RankFailure, run_ranks
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny_moe_cpu.yaml")
+BATCH, SEQ = 4, 32
+# Small and deterministic: fp32, one sequence per micro-batch (the MoE aux loss is computed per
+# micro-batch, so equal splits keep it comparable), a short collective timeout.
+BASE = [
+    "actor.seq_length=32", "actor.micro_batch_size=1", "actor.lr=0.001",
+    "actor.params_dtype=float32", "parallel.timeout_s=60", "rollout.max_new_tokens=16",
+]
+LAYOUTS = {
+    "tp2_sp": ["parallel.tp=2", "parallel.sequence_parallel=true"],
+    "pp2": ["parallel.pp=2"],
+    "ep2": ["parallel.ep=2"],
+    "dp2": [],
+}
+
+
+def _global_batch(vocab: int):
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, vocab, (BATCH, SEQ + 1), generator=g)
+    mask = torch.ones(BATCH, SEQ)
+    mask[:, :8] = 0  # a "prompt" that does not count
+    mask[1, 20:] = 0  # a shorter response
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), mask
+
+
+def _setup(overrides: list[str]):
+    from megatron_rl.actor.actor import Actor
+    from megatron_rl.actor.parallel import init_distributed
+    from megatron_rl.config import load_config
+
+    cfg = load_config(TINY, BASE + overrides, world_size=int(os.environ["WORLD_SIZE"]))
+    init_distributed(cfg.parallel, seed=cfg.train.seed)
+    return cfg, Actor(cfg.model, cfg.parallel, cfg.actor, total_steps=1)
+
+
+def _full_logits(actor, tokens: torch.Tensor) -> torch.Tensor | None:
+    """Logits [b, s, vocab] gathered over TP, on the last pipeline stage (None elsewhere)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_rl.actor.step import MicroBatch
+
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        # Through the pipeline schedule: log-probs of every vocabulary id are not exposed, so
+        # compare the log-probs of all ids by running one id at a time would be slow; instead
+        # the last stage receives hidden states via the schedule in forward_logprobs.
+        return None
+    model = actor.model[0]
+    model.eval()
+    with torch.no_grad():
+        local = model(tokens, MicroBatch(tokens, tokens, tokens.float()).positions(), None)
+    parts = [torch.empty_like(local) for _ in range(ps.get_tensor_model_parallel_world_size())]
+    dist.all_gather(parts, local.contiguous(), group=ps.get_tensor_model_parallel_group())
+    return torch.cat(parts, dim=-1)[..., : actor.model_cfg.vocab_size]
+
+
+def layout_worker(overrides: list[str], init_root: str, out_root: str) -> dict:
+    """One rank of a run: load (or save) init weights, logits, log-probs, one step, save."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_rl.actor.step import MicroBatch, nll_loss
+
+    cfg, actor = _setup(overrides)
+    if not os.path.exists(os.path.join(init_root, "latest")):
+        actor.save(init_root, "init", with_optimizer=False)
+    actor.load(init_root, with_optimizer=False)
+    tokens, labels, mask = _global_batch(cfg.model.vocab_size)
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    rows = slice(dp_rank * BATCH // dp, (dp_rank + 1) * BATCH // dp)
+    mbs = [
+        MicroBatch(tokens[i : i + 1], labels[i : i + 1], mask[i : i + 1])
+        for i in range(rows.start, rows.stop)
+    ]
+    logits = _full_logits(actor, tokens[rows])
+    logprobs = torch.cat(actor.logprobs(mbs))
+    result = actor.train_step(mbs, nll_loss(float(mask.sum())))
+    actor.save(out_root, "step1")
+    return {
+        "rows": (rows.start, rows.stop),
+        "logits": logits,
+        "logprobs": logprobs,
+        "loss": result.stats["loss"],
+        "tokens": result.stats["tokens"],
+        "grad_norm": result.grad_norm,
+        "updated": result.updated,
+    }
+
+
+def weights_worker(roots: list[str]) -> list[dict[str, torch.Tensor]]:
+    """Load each checkpoint into a 1-rank model; return its full state dict."""
+    _, actor = _setup([])
+    out = []
+    for root in roots:
+        actor.load(root, with_optimizer=False)
+        sd = actor.model[0].module.state_dict()
+        out.append({k: v.detach().clone() for k, v in sd.items() if torch.is_tensor(v)})
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ref")
+    (res,) = run_ranks(layout_worker, 1, [], str(root / "init"), str(root / "step"))
+    return root, res
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_matches_single_rank(layout, reference, tmp_path):
+    ref_root, ref = reference
+    results = run_ranks(
+        layout_worker, 2, LAYOUTS[layout], str(ref_root / "init"), str(tmp_path / "step")
+    )
+    for res in results:
+        assert res["updated"]
+        assert res["loss"] == pytest.approx(ref["loss"], rel=1e-5, abs=1e-6)
+        assert res["tokens"] == ref["tokens"]
+        assert res["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4)
+        lo, hi = res["rows"]
+        torch.testing.assert_close(res["logprobs"], ref["logprobs"][lo:hi], rtol=1e-5, atol=1e-5)
+        if res["logits"] is not None:
+            torch.testing.assert_close(res["logits"], ref["logits"][lo:hi], rtol=1e-5, atol=1e-5)
+    if layout != "pp2":
+        assert all(r["logits"] is not None for r in results)
+    (ref_w, got_w) = run_ranks(
+        weights_worker, 1, [str(ref_root / "step"), str(tmp_path / "step")]
+    )[0]
+    assert ref_w.keys() == got_w.keys()
+    init_w = run_ranks(weights_worker, 1, [str(ref_root / "init")])[0][0]
+    moved = sum(float((ref_w[k] - init_w[k]).abs().max()) for k in ref_w)
+    assert moved > 0, "the optimizer step changed nothing; the comparison would be vacuous"
+    for k in ref_w:
+        torch.testing.assert_close(got_w[k], ref_w[k], rtol=1e-5, atol=1e-5, msg=k)
+
+
+def failing_worker(mode: str) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=5))
+    if dist.get_rank() == 1:
+        if mode == "raise":
+            raise ValueError("rank 1 broke on purpose")
+        return None  # leaves rank 0 alone in the collective below
+    dist.all_reduce(torch.ones(1))
+    dist.all_reduce(torch.ones(1))
+
+
+@pytest.mark.parametrize("mode", ["raise", "vanish"])
+def test_failing_rank_fails_fast(mode):
+    with pytest.raises(RankFailure, match="rank"):
+        run_ranks(failing_worker, 2, mode, timeout_s=60)
