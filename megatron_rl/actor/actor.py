@@ -36,17 +36,6 @@ class StepResult:
     """False when the step was skipped (non-finite gradients)."""
 
 
-def _use_distributed_optimizer(actor: ActorConfig) -> bool:
-    if actor.use_distributed_optimizer and compat.needed():
-        # Megatron's distributed optimizer checks that every param is a torch.cuda tensor type
-        # and shards gradients with reduce-scatter, which the gloo backend does not implement.
-        # Emulating both on CPU would test the emulation, not Megatron: use the plain optimizer.
-        log.warning("actor.use_distributed_optimizer needs CUDA (reduce-scatter over NCCL); "
-                    "using Megatron's plain optimizer on CPU")
-        return False
-    return actor.use_distributed_optimizer
-
-
 def _optimizer_config(actor: ActorConfig, params_dtype: torch.dtype) -> OptimizerConfig:
     return OptimizerConfig(
         optimizer=actor.optimizer,
@@ -59,7 +48,7 @@ def _optimizer_config(actor: ActorConfig, params_dtype: torch.dtype) -> Optimize
         clip_grad=actor.clip_grad,
         bf16=params_dtype == torch.bfloat16,
         params_dtype=params_dtype,
-        use_distributed_optimizer=_use_distributed_optimizer(actor),
+        use_distributed_optimizer=actor.use_distributed_optimizer,
     )
 
 
@@ -138,23 +127,81 @@ class Actor:
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
-    def sharded_state_dict(self, with_optimizer: bool = True) -> dict[str, Any]:
+    def sharded_state_dict(
+        self, with_optimizer: bool = True, is_loading: bool = False
+    ) -> dict[str, Any]:
         """Model (and optimizer, scheduler) state keyed by global, layout-free tensor names."""
         state: dict[str, Any] = {
             f"model{i}": chunk.module.sharded_state_dict() for i, chunk in enumerate(self.model)
         }
         if with_optimizer:
-            state["optimizer"] = self.optimizer.sharded_state_dict(state)
+            # Optimizer state keyed per model parameter, so it re-shards like the model does:
+            # the distributed optimizer's "fully_reshardable" format (the plain optimizer
+            # ignores it), and no "chained_<i>." key prefix, since with EP > 1 expert and dense
+            # parameters get separate optimizers and the index would tie keys to the layout.
+            meta = {
+                "distrib_optim_sharding_type": "fully_reshardable",
+                "chained_optim_avoid_prefix": True,
+            }
+            state["optimizer"] = self.optimizer.sharded_state_dict(
+                state, is_loading=is_loading, metadata=meta
+            )
             state["scheduler"] = self.scheduler.state_dict()
         return state
 
+    def _layout_info(self, with_optimizer: bool) -> dict:
+        p = self.parallel_cfg
+        return {
+            "tp": p.tp, "pp": p.pp, "ep": p.ep, "cp": p.cp, "dp": p.dp,
+            "virtual_pp": p.virtual_pp, "with_optimizer": with_optimizer,
+            "distributed_optimizer": self.actor_cfg.use_distributed_optimizer,
+        }
+
     def save(self, root: str | os.PathLike, name: str, with_optimizer: bool = True) -> str:
         """Write a checkpoint `<root>/<name>` atomically; returns its path."""
-        return str(checkpoint.save_sharded(self.sharded_state_dict(with_optimizer), root, name))
+        state = self.sharded_state_dict(with_optimizer)
+        info = self._layout_info(with_optimizer)
+        return str(checkpoint.save_sharded(state, root, name, info))
+
+    def _check_optimizer_compatible(self, path: str | os.PathLike) -> None:
+        """Model weights re-shard across any layout; optimizer state only where Megatron can.
+
+        Megatron-Core 0.16 keeps expert and dense parameters in separate optimizers when
+        EP > 1 and one optimizer otherwise, and the distributed optimizer has its own format, so
+        optimizer state cannot move across a change of EP size or optimizer kind.
+        """
+        if self.actor_cfg.use_distributed_optimizer and not compat.te_available():
+            # Megatron-Core 0.16 with torch's Adam (no TE/Apex) saves the distributed
+            # optimizer's state without the per-parameter `step` its loader then requires
+            # (KeyError 'step' in DistributedOptimizer._set_main_param_and_optimizer_states).
+            raise ValueError(
+                f"{path}: reloading distributed-optimizer state needs Transformer Engine's Adam; "
+                "without it load weights only (with_optimizer=False) or train with "
+                "actor.use_distributed_optimizer=false"
+            )
+        saved, here = checkpoint.read_info(path), self._layout_info(True)
+        if not saved:
+            return
+        if not saved.get("with_optimizer", True):
+            raise ValueError(f"{path}: checkpoint holds no optimizer state; load it with "
+                             "with_optimizer=False (weights only)")
+        for key in ("distributed_optimizer",) + (("ep",) if self.model_cfg.num_experts else ()):
+            if saved.get(key) != here[key]:
+                raise ValueError(
+                    f"{path}: optimizer state was saved with {key}={saved.get(key)} but this run "
+                    f"has {key}={here[key]}; Megatron-Core cannot re-shard optimizer state "
+                    "across that change. Load weights only (with_optimizer=False) or keep "
+                    f"{key}={saved.get(key)}"
+                )
 
     def load(self, path: str | os.PathLike, with_optimizer: bool = True) -> None:
-        """Load a checkpoint saved under any parallel layout into this one."""
-        loaded = checkpoint.load_sharded(self.sharded_state_dict(with_optimizer), path)
+        """Load a checkpoint saved under any parallel layout into this one (optimizer state:
+        see `_check_optimizer_compatible`)."""
+        if with_optimizer:
+            self._check_optimizer_compatible(path)
+        loaded = checkpoint.load_sharded(
+            self.sharded_state_dict(with_optimizer, is_loading=True), path
+        )
         for i, chunk in enumerate(self.model):
             chunk.module.load_state_dict(loaded[f"model{i}"], strict=True)
         if with_optimizer:

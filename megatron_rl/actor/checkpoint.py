@@ -9,6 +9,7 @@ TP/PP/EP/DP layout loads under another.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
 LATEST = "latest"
+INFO = "megatron_rl.json"
 
 
 def _barrier() -> None:
@@ -29,8 +31,13 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def save_sharded(state: dict[str, Any], root: str | os.PathLike, name: str) -> Path:
-    """Save a sharded state dict as `<root>/<name>` atomically; returns the final path."""
+def save_sharded(
+    state: dict[str, Any], root: str | os.PathLike, name: str, info: dict | None = None
+) -> Path:
+    """Save a sharded state dict as `<root>/<name>` atomically; returns the final path.
+
+    `info` (JSON) is stored beside the tensors and read back by `read_info`.
+    """
     root = Path(root)
     final, tmp = root / name, root / f".tmp-{name}"
     if _rank() == 0:
@@ -41,6 +48,7 @@ def save_sharded(state: dict[str, Any], root: str | os.PathLike, name: str) -> P
     dist_checkpointing.save(state, str(tmp))
     _barrier()
     if _rank() == 0:
+        (tmp / INFO).write_text(json.dumps(info or {}, indent=1, sort_keys=True))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -61,6 +69,12 @@ def resolve(path: str | os.PathLike) -> Path:
             f"{path}: not a Megatron dist checkpoint (no metadata.json) and no '{LATEST}' file"
         )
     return path
+
+
+def read_info(path: str | os.PathLike) -> dict:
+    """The `info` a checkpoint was saved with ({} for checkpoints written by others)."""
+    file = resolve(path) / INFO
+    return json.loads(file.read_text()) if file.is_file() else {}
 
 
 def load_sharded(sharded_state: dict[str, Any], path: str | os.PathLike) -> dict[str, Any]:

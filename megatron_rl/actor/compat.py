@@ -14,7 +14,10 @@ The patches:
 - `maybe_move_tensor_to_cpu(..., as_numpy=True)` returning numpy for CPU tensors, since the
   all-to-all dispatcher needs host split sizes;
 - `HAVE_TE = False` in every Megatron module that a `MagicMock` fooled into True;
-- `clip_grad_by_total_norm_fp32` without its `torch.cuda.FloatTensor` assert.
+- `clip_grad_by_total_norm_fp32` without its `torch.cuda.FloatTensor` assert;
+- CPU parameters reading as `torch.cuda.*Tensor` inside the constructors of Megatron's
+  mixed-precision and distributed optimizers, which sort parameters by those type names
+  (gloo in torch >= 2.6 has the reduce-scatter and all-gather the distributed optimizer needs).
 """
 
 from __future__ import annotations
@@ -154,6 +157,43 @@ def _patch_megatron() -> None:
             mod.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
 
 
+@contextlib.contextmanager
+def _cuda_type_names():
+    """Within the block, `tensor.type()` of a CPU tensor reads `torch.cuda.<X>Tensor`.
+
+    Megatron's optimizers sort parameters by `param.type()` against CUDA type names only
+    (`'torch.cuda.FloatTensor'`, ...), so CPU parameters are rejected. Only those constructors
+    run inside this block; everything else sees the true type names.
+    """
+    orig = torch.Tensor.type
+
+    def type_(self: torch.Tensor, dtype: Any = None, non_blocking: bool = False, **kw: Any):
+        if dtype is None and not kw and not self.is_cuda:
+            name = orig(self)
+            return name.replace("torch.", "torch.cuda.", 1) if "cuda" not in name else name
+        return orig(self, dtype, non_blocking, **kw)
+
+    torch.Tensor.type = type_
+    try:
+        yield
+    finally:
+        torch.Tensor.type = orig
+
+
+def _patch_optimizer_type_checks() -> None:
+    from megatron.core.optimizer import distrib_optimizer, optimizer
+
+    classes = (optimizer.Float16OptimizerWithFloat16Params, distrib_optimizer.DistributedOptimizer)
+    for cls in classes:
+        init = cls.__init__
+
+        def wrapped(self, *args: Any, __init=init, **kwargs: Any) -> None:
+            with _cuda_type_names():
+                __init(self, *args, **kwargs)
+
+        cls.__init__ = wrapped
+
+
 def _unfool_have_te() -> None:
     """Set HAVE_TE False where Megatron's MagicMock stand-in for TE made it read True."""
     # Import the modules the GPT/MoE/MLA paths use so their flags exist before we fix them.
@@ -180,6 +220,7 @@ def activate() -> bool:
         return False
     _patch_torch_cuda()
     _patch_megatron()
+    _patch_optimizer_type_checks()
     if not te_available():
         _unfool_have_te()
     _MODE = _CpuDeviceMode()

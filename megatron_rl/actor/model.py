@@ -8,6 +8,7 @@ pipeline stage on this rank, each wrapped in Megatron's `DistributedDataParallel
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -30,6 +31,10 @@ def padded_vocab_size(vocab_size: int, tp: int) -> int:
     while multiple % tp:
         multiple *= 2
     return -(-vocab_size // multiple) * multiple
+
+
+def _gloo() -> bool:
+    return dist.is_initialized() and dist.get_backend() == "gloo"
 
 
 def _recompute_kwargs(actor: ActorConfig) -> dict:
@@ -106,6 +111,10 @@ def transformer_config(
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         cross_entropy_loss_fusion=False,
+        # Batched p2p issues send_prev before send_next; gloo matches messages between two ranks
+        # by order, so with pp=2 (prev == next) and interleaved stages an activation and a
+        # gradient in flight together get swapped. Unbatched p2p orders them by rank parity.
+        batch_p2p_comm=not _gloo(),
         **_recompute_kwargs(actor),
         **_moe_kwargs(model),
     )
@@ -145,7 +154,7 @@ def build_model(
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=False,
-            use_distributed_optimizer=False,
+            use_distributed_optimizer=actor.use_distributed_optimizer,
             check_for_nan_in_grad=False,
         )
         chunks.append(
