@@ -101,7 +101,7 @@ def _sum_stats(per_mb: list[dict[str, torch.Tensor]]) -> dict[str, float]:
     dist.broadcast(n, src=last, group=pp_group)
     if vec.numel() != n.item():
         vec = torch.zeros(int(n.item()))
-    dist.all_reduce(vec, group=parallel_state.get_data_parallel_group())
+    dist.all_reduce(vec, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
     dist.broadcast(vec, src=last, group=pp_group)
     keys = _broadcast_keys(keys, last, pp_group)
     return {k: float(v) for k, v in zip(keys, vec.tolist(), strict=True)}
@@ -111,6 +111,26 @@ def _broadcast_keys(keys: list[str], src: int, group) -> list[str]:
     box = [keys]
     dist.broadcast_object_list(box, src=src, group=group)
     return box[0]
+
+
+def _run_schedule(
+    model: list[torch.nn.Module],
+    microbatches: Sequence[MicroBatch],
+    shape: StepShape,
+    loss_fn: LossFn | None,
+    scale: float,
+) -> list[dict[str, torch.Tensor]]:
+    """Megatron's schedule for this layout (1F1B, interleaved or none); forward only when there
+    is no loss. Returns the per-micro-batch dicts of the last pipeline stage."""
+    return get_forward_backward_func()(
+        forward_step_func=partial(_forward_step, shape, loss_fn, scale),
+        data_iterator=[iter(microbatches) for _ in model],
+        model=model,
+        num_microbatches=len(microbatches),
+        seq_length=shape.seq_length,
+        micro_batch_size=shape.micro_batch_size,
+        forward_only=loss_fn is None,
+    )
 
 
 def forward_backward(
@@ -125,16 +145,7 @@ def forward_backward(
     """
     dp = parallel_state.get_data_parallel_world_size()
     scale = float(len(microbatches) * dp)
-    per_mb = get_forward_backward_func()(
-        forward_step_func=partial(_forward_step, shape, loss_fn, scale),
-        data_iterator=[iter(microbatches) for _ in model],
-        model=model,
-        num_microbatches=len(microbatches),
-        seq_length=shape.seq_length,
-        micro_batch_size=shape.micro_batch_size,
-        forward_only=False,
-    )
-    return _sum_stats(per_mb)
+    return _sum_stats(_run_schedule(model, microbatches, shape, loss_fn, scale))
 
 
 @torch.no_grad()
@@ -142,15 +153,7 @@ def forward_logprobs(
     model: list[torch.nn.Module], microbatches: Sequence[MicroBatch], shape: StepShape
 ) -> list[torch.Tensor]:
     """Log-probs [b, s] of each micro-batch's labels, available on every pipeline rank."""
-    out = get_forward_backward_func()(
-        forward_step_func=partial(_forward_step, shape, None, 1.0),
-        data_iterator=[iter(microbatches) for _ in model],
-        model=model,
-        num_microbatches=len(microbatches),
-        seq_length=shape.seq_length,
-        micro_batch_size=shape.micro_batch_size,
-        forward_only=True,
-    )
+    out = _run_schedule(model, microbatches, shape, None, 1.0)
     pp_group = parallel_state.get_pipeline_model_parallel_group()
     last = parallel_state.get_pipeline_model_parallel_last_rank()
     result = []
