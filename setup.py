@@ -45,7 +45,7 @@ setup(
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "flash-attn", "sglang"],
-        "dev": ["pytest", "pytest-timeout", "ruff"],
+        "dev": ["pytest", "pytest-timeout", "ruff", "hypothesis"],
     },
     entry_points={"console_scripts": ["megatron-rl = megatron_rl.cli:main"]},
 )

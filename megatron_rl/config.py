@@ -251,7 +251,10 @@ def _check_lengths(cfg: RunConfig) -> None:
 
 
 def _resolve_algorithm(alg: AlgorithmConfig, rollout: RolloutConfig) -> AlgorithmConfig:
-    """Fill the overlong lengths DAPO leaves open: L_max = max_new_tokens, L_cache = L_max // 4."""
+    """Fill the lengths left open: Dr.GRPO's normalising length and DAPO's overlong lengths
+    default to max_new_tokens (L_cache = L_max // 4)."""
+    if alg.loss_agg == "seq_mean_token_sum_norm" and alg.loss_norm_len is None:
+        alg = dataclasses.replace(alg, loss_norm_len=rollout.max_new_tokens)
     if not alg.overlong_penalty:
         return alg
     max_len = alg.overlong_max_len or rollout.max_new_tokens

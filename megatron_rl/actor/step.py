@@ -22,7 +22,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_rl.actor.logprobs import token_logprobs
 
 
-@dataclass
+@dataclass(eq=False)
 class MicroBatch:
     """One micro-batch: tokens and per-token tensors the loss needs, all [b, s]."""
 
@@ -46,7 +46,8 @@ class MicroBatch:
 
 LossFn = Callable[[torch.Tensor, MicroBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 """(logprobs [b, s], micro-batch) -> (loss of this micro-batch over the global denominator,
-statistics to sum over micro-batches and DP ranks)."""
+statistics to combine over micro-batches and DP ranks: sums, or maxima for keys ending in
+`_max`)."""
 
 
 def nll_loss(global_tokens: float) -> LossFn:
@@ -91,26 +92,32 @@ def _forward_step(
     return output, loss_func
 
 
-def _sum_stats(per_mb: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-    """Sum statistics over micro-batches, then over DP, then share them along the pipeline."""
-    keys = sorted(per_mb[0]) if per_mb else []
-    vec = torch.stack([sum(d[k] for d in per_mb) for k in keys]) if keys else torch.zeros(0)
-    n = torch.tensor([len(keys)], dtype=torch.long)
+def _reduce_stats(per_mb: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Combine statistics over micro-batches and DP ranks, then share them along the pipeline.
+
+    Keys ending in `_max` are maxima; every other key is a sum (the algorithms' contract).
+    """
     pp_group = parallel_state.get_pipeline_model_parallel_group()
     last = parallel_state.get_pipeline_model_parallel_last_rank()
-    dist.broadcast(n, src=last, group=pp_group)
-    if vec.numel() != n.item():
-        vec = torch.zeros(int(n.item()))
-    dist.all_reduce(vec, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
-    dist.broadcast(vec, src=last, group=pp_group)
-    keys = _broadcast_keys(keys, last, pp_group)
-    return {k: float(v) for k, v in zip(keys, vec.tolist(), strict=True)}
-
-
-def _broadcast_keys(keys: list[str], src: int, group) -> list[str]:
-    box = [keys]
-    dist.broadcast_object_list(box, src=src, group=group)
-    return box[0]
+    box = [sorted(per_mb[0]) if per_mb else []]
+    dist.broadcast_object_list(box, src=last, group=pp_group)
+    keys = box[0]
+    dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    out: dict[str, float] = {}
+    for is_max in (False, True):
+        names = [k for k in keys if k.endswith("_max") == is_max]
+        if not names:
+            continue
+        if per_mb:
+            per_key = [torch.stack([d[k].float() for d in per_mb]) for k in names]
+            vec = torch.stack([v.max() if is_max else v.sum() for v in per_key])
+        else:
+            vec = torch.zeros(len(names))
+        op = dist.ReduceOp.MAX if is_max else dist.ReduceOp.SUM
+        dist.all_reduce(vec, op=op, group=dp_group)
+        dist.broadcast(vec, src=last, group=pp_group)
+        out.update(zip(names, vec.tolist(), strict=True))
+    return out
 
 
 def _run_schedule(
@@ -145,7 +152,7 @@ def forward_backward(
     """
     dp = parallel_state.get_data_parallel_world_size()
     scale = float(len(microbatches) * dp)
-    return _sum_stats(_run_schedule(model, microbatches, shape, loss_fn, scale))
+    return _reduce_stats(_run_schedule(model, microbatches, shape, loss_fn, scale))
 
 
 @torch.no_grad()

@@ -15,18 +15,27 @@ class AlgorithmConfig:
     """RL objective: advantage estimator, clipped policy loss, aggregation, KL, shaping."""
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
-        # DeepSeek-R1 / GRPO: symmetric clip, per-sequence token means, small k3 KL.
+        # Each preset sets every knob its paper fixes; the loader puts it under the user's keys.
+        # DeepSeek-R1 / GRPO: symmetric clip 0.2, per-sequence token means, k3 KL (beta 0.001 as
+        # in DeepSeek-R1; DeepSeekMath used 0.04: override kl_coef).
         "grpo": {"advantage_estimator": "grpo", "eps_low": 0.2, "eps_high": 0.2,
-                 "loss_agg": "seq_mean_token_mean", "kl_coef": 0.001, "kl_estimator": "k3"},
-        # DAPO: clip-higher, token-level loss, dynamic sampling, soft overlong punishment, no KL.
+                 "loss_agg": "seq_mean_token_mean", "kl_coef": 0.001, "kl_estimator": "k3",
+                 "dynamic_sampling": False, "overlong_filter": False, "overlong_penalty": False},
+        # DAPO: clip-higher 0.2/0.28, token-level loss, dynamic sampling, no KL, soft overlong
+        # punishment (L_max/L_cache). Overlong filtering instead: overlong_penalty=false,
+        # overlong_filter=true.
         "dapo": {"advantage_estimator": "grpo", "eps_low": 0.2, "eps_high": 0.28,
-                 "loss_agg": "token_mean", "dynamic_sampling": True, "overlong_penalty": True,
-                 "kl_coef": 0.0},
-        # Dr.GRPO: no std normalisation, per-sequence token sums over a constant length.
+                 "loss_agg": "token_mean", "kl_coef": 0.0, "dynamic_sampling": True,
+                 "overlong_filter": False, "overlong_penalty": True},
+        # Dr.GRPO: no std normalisation, per-sequence token sums over a constant length, no KL.
         "dr_grpo": {"advantage_estimator": "dr_grpo", "eps_low": 0.2, "eps_high": 0.2,
-                    "loss_agg": "seq_mean_token_sum_norm"},
+                    "loss_agg": "seq_mean_token_sum_norm", "kl_coef": 0.0,
+                    "dynamic_sampling": False, "overlong_filter": False,
+                    "overlong_penalty": False},
         # GDPO: per-reward group normalisation, then batch normalisation of the weighted sum.
-        "gdpo": {"advantage_estimator": "gdpo", "loss_agg": "token_mean"},
+        "gdpo": {"advantage_estimator": "gdpo", "eps_low": 0.2, "eps_high": 0.2,
+                 "loss_agg": "token_mean", "kl_coef": 0.0, "dynamic_sampling": False,
+                 "overlong_filter": False, "overlong_penalty": False},
     }
 
     preset: Literal["grpo", "dapo", "dr_grpo", "gdpo"] | None = None
@@ -67,6 +76,9 @@ class AlgorithmConfig:
     """L_max of the soft punishment; None = rollout.max_new_tokens (resolved at load time)."""
     overlong_cache_len: int | None = None
     """L_cache of the soft punishment; None = max(1, L_max // 4) (resolved at load time)."""
+    loss_norm_len: int | None = None
+    """Constant length dividing per-sequence token sums in `seq_mean_token_sum_norm` (Dr.GRPO's
+    MAX_TOKENS); None = rollout.max_new_tokens (resolved at load time)."""
 
     def validate(self) -> None:
         """Ranges of the clip, KL and shaping settings."""
@@ -74,7 +86,7 @@ class AlgorithmConfig:
                 "e.g. 0.2")
         require_non_negative(self, "eps_high", "kl_coef", "entropy_coef")
         require_positive(self, "adv_eps", "tis_cap", "max_gen_batches", "overlong_max_len",
-                         "overlong_cache_len")
+                         "overlong_cache_len", "loss_norm_len")
         require(self.dual_clip_c is None or self.dual_clip_c > 1, "dual_clip_c",
                 f"must be > 1, got {self.dual_clip_c}", "e.g. 3.0, or null to disable")
         if self.overlong_max_len is not None and self.overlong_cache_len is not None:
