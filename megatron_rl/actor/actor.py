@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,8 +19,11 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_rl.actor import checkpoint, compat
 from megatron_rl.actor.config import ActorConfig, ModelConfig, ParallelConfig
-from megatron_rl.actor.model import build_model
+from megatron_rl.actor.model import build_model, padded_vocab_size
 from megatron_rl.actor.step import LossFn, MicroBatch, StepShape, forward_backward, forward_logprobs
+from megatron_rl.convert.export import iter_hf_buckets, save_hf
+from megatron_rl.convert.load import load_hf
+from megatron_rl.convert.maps import Arch
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +151,20 @@ class Actor:
             )
             state["scheduler"] = self.scheduler.state_dict()
         return state
+
+    def load_hf(self, path: str | os.PathLike, arch: Arch, progress: bool = True) -> dict:
+        """Load Hugging Face safetensors straight into this rank's shards."""
+        padded = padded_vocab_size(self.model_cfg.vocab_size, self.parallel_cfg.tp)
+        return load_hf([c.module for c in self.model], arch, self.model_cfg, str(path), padded,
+                       progress=progress)
+
+    def save_hf(self, out_dir: str | os.PathLike, arch: Arch) -> str:
+        """Write the weights as a Hugging Face checkpoint (config.json + safetensors)."""
+        return str(save_hf([c.module for c in self.model], arch, self.model_cfg, out_dir))
+
+    def hf_buckets(self, arch: Arch, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """This stage's weights as HF-named tensors in buckets (collective; weight sync)."""
+        return iter_hf_buckets([c.module for c in self.model], arch, self.model_cfg, bucket_bytes)
 
     def _layout_info(self, with_optimizer: bool) -> dict:
         p = self.parallel_cfg

@@ -123,8 +123,9 @@ def decoder_block_spec(
         return get_gpt_decoder_block_spec(
             config, use_transformer_engine=True, normalization="RMSNorm", vp_stage=vp_stage
         )
-    specs = {m: portable_layer_spec(config, moe=bool(m)) for m in (0, 1)}
-    layers = [specs[m] for m in moe_layer_pattern(config)]
+    pattern = moe_layer_pattern(config)
+    specs = {m: portable_layer_spec(config, moe=bool(m)) for m in set(pattern)}
+    layers = [specs[m] for m in pattern]
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
     count = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(

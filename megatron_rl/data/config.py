@@ -27,7 +27,8 @@ class DataConfig:
     prompt_key: str = "prompt"
     """Dotted field of a record holding the prompt (verl/slime naming)."""
     label_key: str = "reward_model.ground_truth"
-    """Dotted field of a record holding the reference answer."""
+    """Dotted field of a record holding the reference answer (verl); a row without it falls
+    back to its top-level `label` field (slime naming)."""
     chat_template: Literal["r1_zero", "tokenizer", "none"] = "r1_zero"
     """Prompt format: DeepSeek-R1-Zero template, the tokenizer's own chat template, or raw."""
     shuffle: bool = True
@@ -35,9 +36,11 @@ class DataConfig:
     seed: int = 1
     """Seed of the dataset generator and the shuffle."""
     skip_malformed: bool = False
-    """Skip records missing prompt/label instead of failing."""
+    """Skip records missing prompt/label instead of failing (the count is logged and kept)."""
     tokenizer: str | None = None
     """Tokenizer dir or HF name; None = the demo tokenizer trained for the tiny model."""
+    tokenizer_cache: str = "outputs/tokenizer"
+    """Where the trained demo tokenizer is cached, one subdir per hash of its inputs."""
 
     def validate(self) -> None:
         """File sources need a path; sizes are in range."""
@@ -47,6 +50,8 @@ class DataConfig:
         else:
             require(bool(self.task.strip()), "task", "is empty", "e.g. basic_arithmetic")
         require_positive(self, "train_size")
+        require(self.train_size < 2**30, "train_size", f"must be < 2**30, got {self.train_size}",
+                "the held-out eval split uses seeds from seed + 2**30 on")
         require_non_negative(self, "eval_size")
         require(bool(self.prompt_key.strip()), "prompt_key", "is empty", "e.g. prompt")
         require(bool(self.label_key.strip()), "label_key", "is empty",

@@ -1,0 +1,159 @@
+"""Megatron-Core -> Hugging Face: a generator of `(hf_name, tensor)` in bounded buckets, and a
+writer of `config.json` + sharded `model-*.safetensors` with an index.
+
+Ranks gather only what they must: a parameter's TP shards within its TP group, one local expert
+at a time across the EP group. Each pipeline stage yields its own layers, so no rank holds more
+than its stage. Weight sync to rollout engines uses the same generator.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from safetensors.torch import save_file
+
+from megatron_rl.convert.load import Target, targets
+from megatron_rl.convert.maps import Arch
+from megatron_rl.convert.reader import INDEX
+
+
+def _gather_tp(t: Target) -> torch.Tensor:
+    """The full (TP-unsharded) Megatron tensor of a local parameter."""
+    p = t.param.detach()
+    if not getattr(t.param, "tensor_model_parallel", False):
+        return p
+    group = (ps.get_expert_tensor_parallel_group() if t.is_expert
+             else ps.get_tensor_model_parallel_group())
+    size = dist.get_world_size(group)
+    if size == 1:
+        return p
+    parts = [torch.empty_like(p) for _ in range(size)]
+    dist.all_gather(parts, p.contiguous(), group=group)
+    dim = t.param.partition_dim
+    if t.rule.kind == "glu":  # each rank holds [gate_r; up_r]
+        halves = [x.chunk(2, dim=0) for x in parts]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+    return torch.cat(parts, dim=dim)
+
+
+def _split(t: Target, full: torch.Tensor, model_cfg) -> list[torch.Tensor]:
+    """Megatron tensor -> the HF tensors of its rule, in rule order."""
+    kind = t.rule.kind
+    if kind == "glu":
+        return list(full.chunk(2, dim=0))
+    if kind == "vocab":
+        return [full[: model_cfg.vocab_size]]
+    if kind == "qkv":
+        heads = model_cfg.num_attention_heads
+        groups = model_cfg.num_query_groups or heads
+        hd = model_cfg.kv_channels or model_cfg.hidden_size // heads
+        hpg = heads // groups
+        per_group = full.reshape(groups, (hpg + 2) * hd, *full.shape[1:])
+        q, k, v = per_group.split([hpg * hd, hd, hd], dim=1)
+        return [x.reshape(-1, *full.shape[1:]).contiguous() for x in (q, k, v)]
+    return [full]
+
+
+def _expert_sources(t: Target, full: torch.Tensor, num_local: int
+                    ) -> list[tuple[int | None, torch.Tensor]]:
+    """(global expert index, tensor) of this local expert slot on every EP rank."""
+    if not t.is_expert:
+        return [(None, full)]
+    group = ps.get_expert_model_parallel_group()
+    size = dist.get_world_size(group)
+    if size == 1:
+        return [(t.expert, full)]
+    parts = [torch.empty_like(full) for _ in range(size)]
+    dist.all_gather(parts, full.contiguous(), group=group)
+    slot = t.expert - ps.get_expert_model_parallel_rank() * num_local
+    return [(r * num_local + slot, parts[r]) for r in range(size)]
+
+
+def iter_hf_tensors(chunks: list[torch.nn.Module], arch: Arch, model_cfg
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every HF tensor of this rank's pipeline stage, on every rank of the stage (collective)."""
+    num_local = _count_local_experts(chunks)
+    for t in targets(chunks, arch, model_cfg):
+        full = _gather_tp(t)
+        for expert, tensor in _expert_sources(t, full, num_local):
+            names = t.rule.hf_names(t.layer, expert)
+            yield from zip(names, _split(t, tensor, model_cfg), strict=True)
+
+
+def _count_local_experts(chunks: list[torch.nn.Module]) -> int:
+    for chunk in chunks:
+        for module in chunk.modules():
+            if hasattr(module, "local_experts"):
+                return len(module.local_experts)
+    return 1
+
+
+def iter_hf_buckets(chunks: list[torch.nn.Module], arch: Arch, model_cfg,
+                    bucket_bytes: int = 64 * 2**20) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """`iter_hf_tensors` grouped into lists of at most `bucket_bytes` (one tensor may exceed)."""
+    bucket, size = [], 0
+    for name, tensor in iter_hf_tensors(chunks, arch, model_cfg):
+        nbytes = tensor.numel() * tensor.element_size()
+        if bucket and size + nbytes > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+def _is_stage_writer() -> bool:
+    """One writer per pipeline stage: TP rank 0, DP rank 0 (EP is gathered already)."""
+    return (ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
+            and ps.get_context_parallel_rank() == 0)
+
+
+def save_hf(chunks: list[torch.nn.Module], arch: Arch, model_cfg, out_dir: str | os.PathLike,
+            shard_bytes: int = 2 * 2**30) -> Path:
+    """Write config.json, model-XXXXX-of-YYYYY.safetensors and the index (collective)."""
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    rank = dist.get_rank()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    stage = ps.get_pipeline_model_parallel_rank()
+    files: list[tuple[str, list[str]]] = []
+    for i, bucket in enumerate(iter_hf_buckets(chunks, arch, model_cfg, shard_bytes)):
+        if _is_stage_writer():
+            name = f"part-{stage:05d}-{i:05d}.safetensors"
+            save_file({n: t.contiguous() for n, t in bucket}, str(tmp / name),
+                      metadata={"format": "pt"})
+            files.append((name, [n for n, _ in bucket]))
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, files)
+    if rank == 0:
+        _finish(tmp, out, sorted(f for part in gathered for f in part), arch, model_cfg)
+    dist.barrier()
+    return out
+
+
+def _finish(tmp: Path, out: Path, files: list[tuple[str, list[str]]], arch: Arch,
+            model_cfg) -> None:
+    """Rename parts to HF's names, write the index and config, move into place atomically."""
+    weight_map, total = {}, 0
+    for i, (part, names) in enumerate(files):
+        final = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+        os.replace(tmp / part, tmp / final)
+        total += (tmp / final).stat().st_size
+        weight_map.update({n: final for n in names})
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (tmp / INDEX).write_text(json.dumps(index, indent=2))
+    (tmp / "config.json").write_text(json.dumps(arch.hf_config(model_cfg), indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)

@@ -1,0 +1,178 @@
+"""Load a Hugging Face checkpoint straight into a sharded Megatron-Core model.
+
+Each rank reads only the slices of the safetensors files that its own parameters hold (its TP
+rows or columns, its pipeline stage's layers, its EP rank's experts), so no rank ever holds the
+whole model. Missing tensors, extra tensors and shape mismatches fail with their names.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from megatron_rl.convert.maps import Arch, Rule, template_of
+from megatron_rl.convert.reader import CheckpointError, SafetensorsReader
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Which part of a full tensor this rank holds along its TP split."""
+
+    rank: int
+    size: int
+
+    def range(self, n: int, what: str) -> tuple[int, int]:
+        if n % self.size:
+            raise CheckpointError(f"{what}: size {n} is not divisible by the TP size {self.size}")
+        step = n // self.size
+        return self.rank * step, (self.rank + 1) * step
+
+
+@dataclass(frozen=True)
+class Target:
+    """One local Megatron parameter and where it comes from."""
+
+    name: str
+    """Local parameter name in its model chunk."""
+    param: torch.Tensor
+    rule: Rule
+    layer: int | None
+    expert: int | None
+    is_expert: bool
+
+
+def _shard(is_expert: bool) -> Shard:
+    if is_expert:
+        return Shard(ps.get_expert_tensor_parallel_rank(),
+                     ps.get_expert_tensor_parallel_world_size())
+    return Shard(ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size())
+
+
+def _global_indices(chunk: torch.nn.Module, name: str) -> tuple[str, int | None, int | None]:
+    """Template name with the *global* layer and expert index of a local parameter."""
+    template, layer, expert = template_of(name)
+    if layer is not None:
+        layer = chunk.decoder.layers[layer].layer_number - 1
+    if expert is not None:
+        num_local = _num_local_experts(chunk)
+        expert = ps.get_expert_model_parallel_rank() * num_local + expert
+    return template, layer, expert
+
+
+def _num_local_experts(chunk: torch.nn.Module) -> int:
+    for module in chunk.modules():
+        if hasattr(module, "local_experts"):
+            return len(module.local_experts)
+    raise CheckpointError("model has expert parameters but no local_experts module")
+
+
+def targets(chunks: list[torch.nn.Module], arch: Arch, model_cfg) -> Iterator[Target]:
+    """Every local parameter of the (unwrapped) model chunks with its rule."""
+    rules = arch.rules(model_cfg)
+    for chunk in chunks:
+        for name, param in chunk.named_parameters():
+            template, layer, expert = _global_indices(chunk, name)
+            if template not in rules:
+                raise CheckpointError(f"{arch.name}: no mapping for Megatron parameter {name!r} "
+                                      f"({template}); the model and architecture disagree")
+            yield Target(name, param, rules[template], layer, expert, expert is not None)
+
+
+def _read_local(reader: SafetensorsReader, t: Target, model_cfg, padded_vocab: int) -> torch.Tensor:
+    """This rank's part of the Megatron tensor, read slice by slice from the checkpoint."""
+    names = t.rule.hf_names(t.layer, t.expert)
+    shard = _shard(t.is_expert)
+    kind = t.rule.kind
+    if kind == "replicated":
+        return reader.read(names[0])
+    if kind == "column":
+        return reader.read(names[0], rows=shard.range(reader.shape(names[0])[0], names[0]))
+    if kind == "row":
+        return reader.read(names[0], cols=shard.range(reader.shape(names[0])[1], names[0]))
+    if kind == "glu":
+        return torch.cat([reader.read(n, rows=shard.range(reader.shape(n)[0], n)) for n in names])
+    if kind == "vocab":
+        return _read_vocab(reader, names[0], shard, padded_vocab)
+    return _read_qkv(reader, names, shard, model_cfg)
+
+
+def _read_vocab(reader: SafetensorsReader, name: str, shard: Shard, padded: int) -> torch.Tensor:
+    vocab, width = reader.shape(name)
+    lo, hi = shard.range(padded, name)
+    out = torch.zeros(hi - lo, width, dtype=reader.read(name, rows=(0, 1)).dtype)
+    if lo < vocab:
+        out[: min(hi, vocab) - lo] = reader.read(name, rows=(lo, min(hi, vocab)))
+    return out
+
+
+def _read_qkv(reader: SafetensorsReader, names: list[str], shard: Shard, m) -> torch.Tensor:
+    """Megatron's fused QKV rows for this rank's query groups: per group [q heads, k, v]."""
+    q, k, v = names
+    heads = m.num_attention_heads
+    groups = m.num_query_groups or heads
+    hd = m.kv_channels or m.hidden_size // heads
+    hpg = heads // groups
+    g_lo, g_hi = shard.range(groups, f"{q} (query groups)")
+    parts = []
+    for g in range(g_lo, g_hi):
+        parts.append(reader.read(q, rows=(g * hpg * hd, (g + 1) * hpg * hd)))
+        parts.append(reader.read(k, rows=(g * hd, (g + 1) * hd)))
+        parts.append(reader.read(v, rows=(g * hd, (g + 1) * hd)))
+    return torch.cat(parts)
+
+
+def _check_extras(reader: SafetensorsReader, arch: Arch) -> None:
+    """Every checkpoint tensor must be used by some rank (or be known to be unused)."""
+    used = [reader.used] if not dist.is_initialized() else [None] * dist.get_world_size()
+    if dist.is_initialized():
+        dist.all_gather_object(used, reader.used)
+    seen = set().union(*used)
+    extra = sorted(n for n in reader.names() - seen
+                   if not any(re.match(p, n) for p in arch.ignored_hf))
+    if extra:
+        more = f" (and {len(extra) - 10} more)" if len(extra) > 10 else ""
+        raise CheckpointError(f"{reader.path}: tensors with no Megatron counterpart: "
+                              f"{extra[:10]}{more}; is the model config the checkpoint's?")
+
+
+@torch.no_grad()
+def load_hf(chunks: list[torch.nn.Module], arch: Arch, model_cfg, path: str,
+            padded_vocab: int, progress: bool = True) -> dict[str, float]:
+    """Copy an HF checkpoint into this rank's parameters; returns bytes read and seconds."""
+    reader = SafetensorsReader(path)
+    todo = list(targets(chunks, arch, model_cfg))
+    missing = sorted({n for t in todo for n in t.rule.hf_names(t.layer, t.expert)}
+                     - reader.names())
+    if missing:
+        more = f" (and {len(missing) - 10} more)" if len(missing) > 10 else ""
+        raise CheckpointError(f"{path}: missing tensors {missing[:10]}{more}")
+    start = time.perf_counter()
+    for i, t in enumerate(todo):
+        local = _read_local(reader, t, model_cfg, padded_vocab)
+        if tuple(local.shape) != tuple(t.param.shape):
+            raise CheckpointError(
+                f"{t.name} <- {t.rule.hf_names(t.layer, t.expert)}: expected shape "
+                f"{tuple(t.param.shape)} on this rank, found {tuple(local.shape)}")
+        t.param.copy_(local.to(t.param.dtype))
+        if progress and (i + 1) % max(1, len(todo) // 10) == 0:
+            _progress(i + 1, len(todo), reader.bytes_read, start)
+    _check_extras(reader, arch)
+    return {"bytes_read": float(reader.bytes_read), "seconds": time.perf_counter() - start}
+
+
+def _progress(done: int, total: int, nbytes: int, start: float) -> None:
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        print(f"\r[convert] rank 0: {done}/{total} tensors, {nbytes / 2**20:.1f} MiB read, "
+              f"{time.perf_counter() - start:.1f}s", end="" if done < total else "\n",
+              file=sys.stderr, flush=True)

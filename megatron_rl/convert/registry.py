@@ -1,0 +1,36 @@
+"""Supported architectures, found from a checkpoint's `config.json`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from megatron_rl.convert import llama, qwen2, qwen3, qwen3_moe
+from megatron_rl.convert.maps import Arch
+
+ARCHS: dict[str, Arch] = {a.name: a for a in (llama.ARCH, qwen2.ARCH, qwen3.ARCH, qwen3_moe.ARCH)}
+
+
+def arch_for(hf_config: dict[str, Any]) -> Arch:
+    """The architecture of an HF config (by `architectures`, then `model_type`)."""
+    for name in hf_config.get("architectures") or []:
+        for arch in ARCHS.values():
+            if name in arch.hf_architectures:
+                return arch
+    model_type = hf_config.get("model_type")
+    if model_type in ARCHS:
+        return ARCHS[model_type]
+    supported = sorted(a for arch in ARCHS.values() for a in arch.hf_architectures)
+    raise ValueError(
+        f"unsupported architecture {hf_config.get('architectures') or model_type!r}; "
+        f"supported: {supported}"
+    )
+
+
+def read_hf_config(path: str | Path) -> dict[str, Any]:
+    """config.json of an HF checkpoint directory."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no config.json (is {path} a Hugging Face checkpoint?)")
+    return json.loads(file.read_text())

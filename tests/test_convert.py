@@ -1,0 +1,180 @@
+"""HF <-> Megatron-Core conversion: tiny random HF models of each architecture are loaded into
+Megatron-Core at 1 and 2 ranks (TP=2, EP=2, PP=2) and give the logits of `transformers`; saving
+back gives bitwise-identical tensors and an equivalent config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from megatron_rl.launch.spawn import RankFailure, run_ranks
+
+SEQ, BATCH = 12, 2
+COMMON = dict(vocab_size=160, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+              rms_norm_eps=1e-6)
+
+
+def _make(kind: str):
+    import transformers as tf
+
+    if kind == "llama":
+        return tf.LlamaForCausalLM(tf.LlamaConfig(**COMMON, rope_theta=10000.0,
+                                                  tie_word_embeddings=True))
+    if kind == "qwen2":
+        return tf.Qwen2ForCausalLM(tf.Qwen2Config(**COMMON, rope_theta=1e6))
+    if kind == "qwen3":
+        return tf.Qwen3ForCausalLM(tf.Qwen3Config(**COMMON, rope_theta=1e6))
+    if kind == "qwen3_moe":
+        return tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(
+            **COMMON, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
+            norm_topk_prob=True, mlp_only_layers=[0], decoder_sparse_step=1))
+    raise ValueError(kind)
+
+
+def _tokens() -> torch.Tensor:
+    return torch.randint(0, COMMON["vocab_size"], (BATCH, SEQ + 1),
+                         generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory):
+    """{arch: (checkpoint dir, logits [b, s, V])}, made on first use."""
+    cache: dict[str, tuple[Path, torch.Tensor]] = {}
+
+    def get(kind: str):
+        if kind not in cache:
+            torch.manual_seed(0)
+            model = _make(kind).eval()
+            with torch.no_grad():  # random weights are small: give the norms some spread too
+                for name, p in model.named_parameters():
+                    if "norm" in name:
+                        p.uniform_(0.5, 1.5)
+            path = tmp_path_factory.mktemp(kind)
+            model.save_pretrained(path)
+            with torch.no_grad():
+                logits = model(_tokens()[:, :-1]).logits.float()
+            cache[kind] = (path, logits)
+        return cache[kind]
+
+    return get
+
+
+def convert_worker(path: str, parallel: dict, out_dir: str | None) -> dict:
+    """Load the HF checkpoint at `parallel`; logits (TP-gathered, no PP), log-probs; save back."""
+    import os
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_rl.actor.actor import Actor
+    from megatron_rl.actor.config import ActorConfig, ParallelConfig
+    from megatron_rl.actor.parallel import init_distributed
+    from megatron_rl.actor.step import MicroBatch
+    from megatron_rl.convert import hf_model_config
+
+    arch, model_cfg = hf_model_config(path)
+    world = int(os.environ["WORLD_SIZE"])
+    par = ParallelConfig(timeout_s=60, dp=None, **parallel)
+    init_distributed(par, seed=1)
+    actor = Actor(model_cfg, par, ActorConfig(seq_length=SEQ, micro_batch_size=1))
+    actor.load_hf(path, arch, progress=False)
+    tokens = _tokens()
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    rows = slice(dp_rank * BATCH // dp, (dp_rank + 1) * BATCH // dp)
+    mbs = [MicroBatch(tokens[i : i + 1, :-1], tokens[i : i + 1, 1:], torch.ones(1, SEQ))
+           for i in range(rows.start, rows.stop)]
+    logprobs = torch.cat(actor.logprobs(mbs))
+    logits = None
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        model = actor.model[0]
+        with torch.no_grad():
+            local = model(tokens[rows, :-1], mbs[0].positions().expand(len(mbs), SEQ), None)
+        parts = [torch.empty_like(local) for _ in range(ps.get_tensor_model_parallel_world_size())]
+        dist.all_gather(parts, local.contiguous(), group=ps.get_tensor_model_parallel_group())
+        logits = torch.cat(parts, -1)[..., : model_cfg.vocab_size]
+    if out_dir:
+        actor.save_hf(out_dir, arch)
+    assert world == dist.get_world_size()
+    return {"rows": (rows.start, rows.stop), "logits": logits, "logprobs": logprobs}
+
+
+def _hf_logprobs(logits: torch.Tensor) -> torch.Tensor:
+    labels = _tokens()[:, 1:]
+    return torch.log_softmax(logits, -1).gather(-1, labels[..., None])[..., 0]
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+CASES = [
+    ("llama", 1, {}), ("qwen2", 1, {}), ("qwen3", 1, {}), ("qwen3_moe", 1, {}),
+    ("qwen3", 2, {"tp": 2}), ("qwen2", 2, {"pp": 2}),
+    ("qwen3_moe", 2, {"ep": 2}), ("qwen3_moe", 2, {"tp": 2, "sequence_parallel": True}),
+    ("qwen3_moe", 2, {"pp": 2}),
+]
+
+
+@pytest.mark.parametrize(("kind", "world", "parallel"), CASES,
+                         ids=[f"{k}-{w}r-{'-'.join(f'{a}{b}' for a, b in p.items()) or 'single'}"
+                              for k, w, p in CASES])
+def test_logits_match_transformers_and_round_trip(kind, world, parallel, hf_models, tmp_path):
+    path, hf_logits = hf_models(kind)
+    out = tmp_path / "back"
+    results = run_ranks(convert_worker, world, str(path), parallel, str(out))
+    want_lp = _hf_logprobs(hf_logits)
+    for res in results:
+        lo, hi = res["rows"]
+        torch.testing.assert_close(res["logprobs"], want_lp[lo:hi], rtol=1e-4, atol=1e-4)
+        if res["logits"] is not None:
+            torch.testing.assert_close(res["logits"], hf_logits[lo:hi], rtol=1e-4, atol=1e-4)
+    # Round trip: the same tensors, bit for bit, and an equivalent config.
+    orig, back = _tensors(path), _tensors(out)
+    assert orig.keys() == back.keys()
+    for name, tensor in orig.items():
+        assert torch.equal(back[name], tensor), name
+    from megatron_rl.convert import hf_model_config
+
+    assert hf_model_config(out)[1] == hf_model_config(path)[1]
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(orig)
+
+
+def test_errors_name_the_problem(hf_models, tmp_path):
+    from megatron_rl.convert import hf_model_config
+    from megatron_rl.convert.registry import arch_for
+
+    with pytest.raises(ValueError, match="unsupported architecture.*supported.*Qwen3"):
+        arch_for({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"})
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        hf_model_config(tmp_path)
+    path, _ = hf_models("qwen3")
+    # A checkpoint that lacks a tensor, and one with an extra tensor, fail naming them.
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((path / "config.json").read_text())
+    tensors = _tensors(path)
+    from safetensors.torch import save_file
+
+    dropped = "model.layers.1.self_attn.k_proj.weight"
+    save_file({k: v for k, v in tensors.items() if k != dropped}, str(broken / "model.safetensors"))
+    with pytest.raises(RankFailure, match=f"missing tensors.*{dropped}"):
+        run_ranks(convert_worker, 1, str(broken), {}, None)
+    save_file(tensors | {"model.layers.0.mystery.weight": torch.zeros(2)},
+              str(broken / "model.safetensors"))
+    with pytest.raises(RankFailure, match="no Megatron counterpart.*mystery"):
+        run_ranks(convert_worker, 1, str(broken), {}, None)
+    bad = {k: (v[:, :-1].contiguous() if k == "model.layers.0.self_attn.o_proj.weight" else v)
+           for k, v in tensors.items()}
+    save_file(bad, str(broken / "model.safetensors"))
+    with pytest.raises(RankFailure, match="linear_proj.*expected shape"):
+        run_ranks(convert_worker, 1, str(broken), {}, None)
