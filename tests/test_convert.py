@@ -33,6 +33,13 @@ def _make(kind: str):
         return tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(
             **COMMON, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
             norm_topk_prob=True, mlp_only_layers=[0], decoder_sparse_step=1))
+    if kind == "deepseek_v3":  # MLA with q/kv LoRA, shared expert, group routing, 1 dense layer
+        cfg = {k: v for k, v in COMMON.items() if k not in ("num_key_value_heads", "head_dim")}
+        return tf.DeepseekV3ForCausalLM(tf.DeepseekV3Config(
+            **cfg, num_key_value_heads=4, moe_intermediate_size=16, q_lora_rank=16,
+            kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+            n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=4, n_group=4,
+            topk_group=2, routed_scaling_factor=2.5, first_k_dense_replace=1))
     raise ValueError(kind)
 
 
@@ -51,9 +58,11 @@ def hf_models(tmp_path_factory):
             torch.manual_seed(0)
             model = _make(kind).eval()
             with torch.no_grad():  # random weights are small: give the norms some spread too
-                for name, p in model.named_parameters():
+                for name, p in list(model.named_parameters()) + list(model.named_buffers()):
                     if "norm" in name:
                         p.uniform_(0.5, 1.5)
+                    if "e_score_correction_bias" in name:  # make expert selection depend on it
+                        p.normal_(0.0, 0.5)
             path = tmp_path_factory.mktemp(kind)
             model.save_pretrained(path)
             with torch.no_grad():
@@ -121,6 +130,8 @@ CASES = [
     ("qwen3", 2, {"tp": 2}), ("qwen2", 2, {"pp": 2}),
     ("qwen3_moe", 2, {"ep": 2}), ("qwen3_moe", 2, {"tp": 2, "sequence_parallel": True}),
     ("qwen3_moe", 2, {"pp": 2}),
+    ("deepseek_v3", 1, {}), ("deepseek_v3", 2, {"tp": 2, "sequence_parallel": True}),
+    ("deepseek_v3", 2, {"ep": 2}),
 ]
 
 

@@ -79,6 +79,18 @@ class ModelConfig:
     """Which layers are MoE: int k = every k-th layer; list = one 0/1 per layer (as Megatron)."""
     moe_token_dispatcher_type: Literal["alltoall", "allgather"] = "alltoall"
     """How tokens reach their experts across the expert-parallel group."""
+    multi_latent_attention: bool = False
+    """DeepSeek-V2/V3 multi-latent attention (MLA) instead of grouped-query attention."""
+    q_lora_rank: int | None = None
+    """MLA: rank of the query down-projection; None = a full query projection."""
+    kv_lora_rank: int = 512
+    """MLA: rank of the compressed key/value."""
+    qk_head_dim: int = 128
+    """MLA: per-head query/key size without RoPE (HF qk_nope_head_dim)."""
+    qk_pos_emb_head_dim: int = 64
+    """MLA: per-head query/key size that carries RoPE (HF qk_rope_head_dim)."""
+    v_head_dim: int = 128
+    """MLA: per-head value size."""
 
     def validate(self) -> None:
         """Field-level checks; the messages name the field and the fix."""
@@ -96,6 +108,9 @@ class ModelConfig:
                     f"{self.num_attention_heads} heads",
                     f"choose one of {one_of(divisors(self.hidden_size))} or set kv_channels")
         self._validate_layer_freq()
+        if self.multi_latent_attention:
+            require_positive(self, "q_lora_rank", "kv_lora_rank", "qk_head_dim",
+                             "qk_pos_emb_head_dim", "v_head_dim")
         require_non_negative(self, "num_experts")
         if self.num_experts > 0:
             self._validate_moe()

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.models.gpt import GPTModel
-from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
 from megatron_rl.actor.config import ActorConfig, ModelConfig, ParallelConfig
 from megatron_rl.actor.spec import decoder_block_spec
@@ -77,7 +77,18 @@ def transformer_config(
 ) -> TransformerConfig:
     """Our configs -> Megatron-Core `TransformerConfig` (the only place this happens)."""
     dtype = _DTYPES[actor.params_dtype]
-    return TransformerConfig(
+    cls, mla = TransformerConfig, {}
+    if model.multi_latent_attention:
+        cls, mla = MLATransformerConfig, dict(
+            q_lora_rank=model.q_lora_rank,
+            kv_lora_rank=model.kv_lora_rank,
+            qk_head_dim=model.qk_head_dim,
+            qk_pos_emb_head_dim=model.qk_pos_emb_head_dim,
+            v_head_dim=model.v_head_dim,
+            rope_type="rope",
+            rotary_base=model.rotary_base,
+        )
+    return cls(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
         num_attention_heads=model.num_attention_heads,
@@ -117,6 +128,7 @@ def transformer_config(
         batch_p2p_comm=not _gloo(),
         **_recompute_kwargs(actor),
         **_moe_kwargs(model),
+        **mla,
     )
 
 

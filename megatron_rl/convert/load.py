@@ -80,7 +80,10 @@ def targets(chunks: list[torch.nn.Module], arch: Arch, model_cfg) -> Iterator[Ta
     """Every local parameter of the (unwrapped) model chunks with its rule."""
     rules = arch.rules(model_cfg)
     for chunk in chunks:
-        for name, param in chunk.named_parameters():
+        # Buffers with a checkpoint counterpart (DeepSeek's router expert bias) load too.
+        mapped_buffers = [(n, b) for n, b in chunk.named_buffers()
+                          if template_of(n)[0] in rules]
+        for name, param in list(chunk.named_parameters()) + mapped_buffers:
             template, layer, expert = _global_indices(chunk, name)
             if template not in rules:
                 raise CheckpointError(f"{arch.name}: no mapping for Megatron parameter {name!r} "

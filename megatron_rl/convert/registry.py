@@ -6,10 +6,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from megatron_rl.convert import llama, qwen2, qwen3, qwen3_moe
+from megatron_rl.convert import deepseek_v3, llama, qwen2, qwen3, qwen3_moe
 from megatron_rl.convert.maps import Arch
 
-ARCHS: dict[str, Arch] = {a.name: a for a in (llama.ARCH, qwen2.ARCH, qwen3.ARCH, qwen3_moe.ARCH)}
+ARCHS: dict[str, Arch] = {
+    a.name: a for a in (llama.ARCH, qwen2.ARCH, qwen3.ARCH, qwen3_moe.ARCH, deepseek_v3.ARCH)
+}
 
 
 def arch_for(hf_config: dict[str, Any]) -> Arch:
