@@ -66,6 +66,19 @@ def _add_submit_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_convert_args(parser: argparse.ArgumentParser) -> None:
+    """Direction, source, destination and layout overrides."""
+    parser.add_argument("direction", choices=["hf-to-mcore", "mcore-to-hf"],
+                        help="hf-to-mcore: HF safetensors -> Megatron dist checkpoint; "
+                        "mcore-to-hf: back")
+    parser.add_argument("src", help="source checkpoint directory")
+    parser.add_argument("dst", help="destination directory (written atomically)")
+    parser.add_argument(
+        "--set", dest="overrides", metavar="KEY=VALUE", action="append", type=_key_value,
+        default=[], help="layout and other overrides, e.g. --set parallel.tp=2 (the model comes "
+        "from the source checkpoint)")
+
+
 def _add_nothing(parser: argparse.ArgumentParser) -> None:
     """Subcommands whose arguments are defined when they are built."""
 
@@ -84,7 +97,10 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         "Run RL training (GRPO/DAPO/GDPO) from a YAML config", None, 7, _add_config_args
     ),
     "eval": Subcommand("Evaluate a checkpoint: pass@k, cons@k, avg@k", None, 7, _add_config_args),
-    "convert": Subcommand("Convert checkpoints between Hugging Face and Megatron", None, 5),
+    "convert": Subcommand(
+        "Convert checkpoints between Hugging Face and Megatron", "megatron_rl.convert.cli:main", 5,
+        _add_convert_args,
+    ),
     "plan": Subcommand(
         "Estimate per-GPU memory and step time for a config", None, 9, _add_config_args
     ),

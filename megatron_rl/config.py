@@ -94,8 +94,12 @@ def load_config(
     path: str | os.PathLike[str] | None,
     overrides: Sequence[str] = (),
     world_size: int | None = None,
+    model: ModelConfig | None = None,
 ) -> RunConfig:
     """Load, override, type-check, validate and resolve a run config.
+
+    `model`, when given, replaces the model section (e.g. the architecture read from a
+    checkpoint) before validation, so the cross-checks use it.
 
     `path` None means all defaults. `overrides` are `a.b.c=value` strings (values read as YAML),
     applied in order after the file. `world_size` None reads the WORLD_SIZE environment variable
@@ -105,6 +109,8 @@ def load_config(
     data = read_yaml(path) if path is not None else {}
     data = apply_overrides(RunConfig, data, overrides)
     cfg = from_dict(RunConfig, data)
+    if model is not None:
+        cfg = dataclasses.replace(cfg, model=model)
     validate_tree(cfg)
     return resolve(cfg, _world_size(world_size))
 

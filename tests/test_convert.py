@@ -189,3 +189,27 @@ def test_errors_name_the_problem(hf_models, tmp_path):
     save_file(bad, str(broken / "model.safetensors"))
     with pytest.raises(RankFailure, match="linear_proj.*expected shape"):
         run_ranks(convert_worker, 1, str(broken), {}, None)
+
+
+def test_cli_round_trip_with_two_ranks_and_clear_errors(hf_models, tmp_path):
+    """scripts/convert_hf.sh: HF -> Megatron at 1 rank, Megatron -> HF at EP=2 (torchrun)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    path, _ = hf_models("qwen3_moe")
+    mcore, back = tmp_path / "mcore", tmp_path / "back"
+    script = str(root / "scripts" / "convert_hf.sh")
+    run = subprocess.run([script, str(path), str(mcore)], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    run = subprocess.run([script, str(mcore), str(back), "2", "--set", "parallel.ep=2"],
+                         capture_output=True, text=True, timeout=300,
+                         env={**__import__("os").environ, "DIRECTION": "mcore-to-hf"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    orig, got = _tensors(path), _tensors(back)
+    assert orig.keys() == got.keys() and all(torch.equal(got[k], v) for k, v in orig.items())
+    # A layout the model cannot take fails in one line naming the key.
+    run = subprocess.run([script, str(path), str(tmp_path / "x"), "--set", "parallel.ep=3"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    assert "parallel" in run.stderr.strip().splitlines()[-1]

@@ -5,6 +5,7 @@ Process groups must exist before an `Actor` is built (`parallel.init_distributed
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -66,6 +67,8 @@ class Actor:
         total_steps: int = 1,
     ) -> None:
         self.model_cfg, self.parallel_cfg, self.actor_cfg = model, parallel, actor
+        self.arch: Arch | None = None
+        """The Hugging Face architecture the weights came from (set by `load_hf`)."""
         self.model, self.config = build_model(model, parallel, actor)
         self.optimizer = get_megatron_optimizer(
             _optimizer_config(actor, self.config.params_dtype),
@@ -155,6 +158,7 @@ class Actor:
     def load_hf(self, path: str | os.PathLike, arch: Arch, progress: bool = True) -> dict:
         """Load Hugging Face safetensors straight into this rank's shards."""
         padded = padded_vocab_size(self.model_cfg.vocab_size, self.parallel_cfg.tp)
+        self.arch = arch
         return load_hf([c.module for c in self.model], arch, self.model_cfg, str(path), padded,
                        progress=progress)
 
@@ -172,6 +176,8 @@ class Actor:
             "tp": p.tp, "pp": p.pp, "ep": p.ep, "cp": p.cp, "dp": p.dp,
             "virtual_pp": p.virtual_pp, "with_optimizer": with_optimizer,
             "distributed_optimizer": self.actor_cfg.use_distributed_optimizer,
+            "model": dataclasses.asdict(self.model_cfg),
+            "arch": self.arch.name if self.arch else None,
         }
 
     def save(self, root: str | os.PathLike, name: str, with_optimizer: bool = True) -> str:
