@@ -40,6 +40,13 @@ def _make(kind: str):
             kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
             n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=4, n_group=4,
             topk_group=2, routed_scaling_factor=2.5, first_k_dense_replace=1))
+    if kind == "deepseek_v3_yarn":  # the released DeepSeek-V3 extends its context with YaRN
+        model = _make("deepseek_v3")
+        cfg = model.config.to_dict() | {"rope_parameters": {
+            "rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0,
+            "original_max_position_embeddings": 4, "beta_fast": 32.0, "beta_slow": 1.0,
+            "mscale": 1.0, "mscale_all_dim": 1.0}}
+        return tf.DeepseekV3ForCausalLM(tf.DeepseekV3Config(**cfg))
     raise ValueError(kind)
 
 
@@ -131,7 +138,7 @@ CASES = [
     ("qwen3_moe", 2, {"ep": 2}), ("qwen3_moe", 2, {"tp": 2, "sequence_parallel": True}),
     ("qwen3_moe", 2, {"pp": 2}),
     ("deepseek_v3", 1, {}), ("deepseek_v3", 2, {"tp": 2, "sequence_parallel": True}),
-    ("deepseek_v3", 2, {"ep": 2}),
+    ("deepseek_v3", 2, {"ep": 2}), ("deepseek_v3_yarn", 1, {}),
 ]
 
 

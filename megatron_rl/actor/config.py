@@ -91,6 +91,20 @@ class ModelConfig:
     """MLA: per-head query/key size that carries RoPE (HF qk_rope_head_dim)."""
     v_head_dim: int = 128
     """MLA: per-head value size."""
+    rope_scaling: Literal["none", "yarn"] = "none"
+    """RoPE scaling (YaRN as in DeepSeek-V3; MLA only)."""
+    rope_scaling_factor: float = 1.0
+    """YaRN: context extension factor."""
+    rope_original_max_position_embeddings: int = 4096
+    """YaRN: context length of pre-training before extension."""
+    yarn_beta_fast: float = 32.0
+    """YaRN: high-frequency boundary."""
+    yarn_beta_slow: float = 1.0
+    """YaRN: low-frequency boundary."""
+    yarn_mscale: float = 1.0
+    """YaRN: attention temperature coefficient of the rotary embedding."""
+    yarn_mscale_all_dim: float = 0.0
+    """YaRN: coefficient applied to the softmax scale of all dimensions."""
 
     def validate(self) -> None:
         """Field-level checks; the messages name the field and the fix."""
@@ -111,6 +125,9 @@ class ModelConfig:
         if self.multi_latent_attention:
             require_positive(self, "q_lora_rank", "kv_lora_rank", "qk_head_dim",
                              "qk_pos_emb_head_dim", "v_head_dim")
+        require(self.rope_scaling == "none" or self.multi_latent_attention, "rope_scaling",
+                "YaRN scaling is mapped for multi-latent attention only",
+                "set rope_scaling=none or multi_latent_attention=true")
         require_non_negative(self, "num_experts")
         if self.num_experts > 0:
             self._validate_moe()

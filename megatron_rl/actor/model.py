@@ -33,6 +33,20 @@ def padded_vocab_size(vocab_size: int, tp: int) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
+def _yarn_kwargs(model: ModelConfig) -> dict:
+    if model.rope_scaling == "none":
+        return dict(rope_type="rope")
+    return dict(
+        rope_type="yarn",
+        rotary_scaling_factor=model.rope_scaling_factor,
+        original_max_position_embeddings=model.rope_original_max_position_embeddings,
+        beta_fast=model.yarn_beta_fast,
+        beta_slow=model.yarn_beta_slow,
+        mscale=model.yarn_mscale,
+        mscale_all_dim=model.yarn_mscale_all_dim,
+    )
+
+
 def _gloo() -> bool:
     return dist.is_initialized() and dist.get_backend() == "gloo"
 
@@ -85,8 +99,8 @@ def transformer_config(
             qk_head_dim=model.qk_head_dim,
             qk_pos_emb_head_dim=model.qk_pos_emb_head_dim,
             v_head_dim=model.v_head_dim,
-            rope_type="rope",
             rotary_base=model.rotary_base,
+            **_yarn_kwargs(model),
         )
     return cls(
         num_layers=model.num_layers,

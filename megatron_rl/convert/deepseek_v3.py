@@ -19,6 +19,7 @@ from megatron_rl.convert.maps import (
     glu_mlp_rules,
     output_rules,
     require_hf,
+    rope_parameters,
     rope_theta,
 )
 
@@ -35,14 +36,13 @@ def _model_config(hf: dict[str, Any]) -> dict[str, Any]:
                          "Megatron ranks groups by their top topk/topk_group scores and HF by "
                          "their top 2, so they agree only when num_experts_per_tok = 2*topk_group")
     n, dense = hf["num_hidden_layers"], hf.get("first_k_dense_replace", 0)
-    return dict(
+    return _rope(hf) | dict(
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
         num_layers=n,
         num_attention_heads=hf["num_attention_heads"],
         ffn_hidden_size=hf["intermediate_size"],
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
-        rotary_base=rope_theta(hf),
         norm_epsilon=hf.get("rms_norm_eps", 1e-6),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qk_layernorm=True,  # the q/kv LoRA norms
@@ -67,6 +67,34 @@ def _model_config(hf: dict[str, Any]) -> dict[str, Any]:
         moe_router_pre_softmax=False,
         moe_layer_freq=[0] * dense + [1] * (n - dense),
     )
+
+
+def _rope(hf: dict[str, Any]) -> dict[str, Any]:
+    """RoPE base and YaRN scaling (DeepSeek-V3's released config uses YaRN, factor 40)."""
+    theta = rope_theta(hf, supported=("default", "yarn"))
+    p = rope_parameters(hf)
+    if p["rope_type"] == "default":
+        return {"rotary_base": theta}
+    return {
+        "rotary_base": theta,
+        "rope_scaling": "yarn",
+        "rope_scaling_factor": float(p["factor"]),
+        "rope_original_max_position_embeddings": int(p["original_max_position_embeddings"]),
+        "yarn_beta_fast": float(p.get("beta_fast", 32.0)),
+        "yarn_beta_slow": float(p.get("beta_slow", 1.0)),
+        "yarn_mscale": float(p.get("mscale", 1.0)),
+        "yarn_mscale_all_dim": float(p.get("mscale_all_dim", 0.0)),
+    }
+
+
+def _hf_rope(m: Any) -> dict[str, Any]:
+    rope: dict[str, Any] = {"rope_theta": m.rotary_base, "rope_type": "default"}
+    if m.rope_scaling == "yarn":
+        rope |= {"rope_type": "yarn", "factor": m.rope_scaling_factor,
+                 "original_max_position_embeddings": m.rope_original_max_position_embeddings,
+                 "beta_fast": m.yarn_beta_fast, "beta_slow": m.yarn_beta_slow,
+                 "mscale": m.yarn_mscale, "mscale_all_dim": m.yarn_mscale_all_dim}
+    return rope
 
 
 def _hf_config(m: Any) -> dict[str, Any]:
@@ -100,7 +128,7 @@ def _hf_config(m: Any) -> dict[str, Any]:
         "first_k_dense_replace": dense,
         "max_position_embeddings": m.max_position_embeddings,
         "rms_norm_eps": m.norm_epsilon,
-        "rope_parameters": {"rope_theta": m.rotary_base, "rope_type": "default"},
+        "rope_parameters": _hf_rope(m),
         "rope_interleave": True,
         "attention_bias": False,
         "tie_word_embeddings": m.tie_embeddings,

@@ -115,14 +115,22 @@ def output_rules(tied: bool) -> dict[str, Rule]:
     return {} if tied else {"output_layer.weight": Rule("vocab", ("lm_head.weight",))}
 
 
-def rope_theta(hf: dict[str, Any]) -> float:
-    """RoPE base from either config style (transformers 5 `rope_parameters`, or `rope_theta`)."""
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if kind != "default":
-        raise ValueError(f"rope scaling type {kind!r} is not supported yet (only 'default')")
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+def rope_parameters(hf: dict[str, Any]) -> dict[str, Any]:
+    """RoPE settings from either config style (transformers 5 `rope_parameters`, or the older
+    `rope_theta` + `rope_scaling`), with `rope_type` normalised ('default', 'yarn', ...)."""
+    params = dict(hf.get("rope_scaling") or {}) | dict(hf.get("rope_parameters") or {})
+    params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
+    params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
+    return params
+
+
+def rope_theta(hf: dict[str, Any], supported: tuple[str, ...] = ("default",)) -> float:
+    """RoPE base; fails naming the scaling type when the architecture cannot map it."""
+    params = rope_parameters(hf)
+    if params["rope_type"] not in supported:
+        raise ValueError(f"rope scaling type {params['rope_type']!r} is not supported for this "
+                         f"architecture yet; supported: {list(supported)}")
+    return float(params["rope_theta"])
 
 
 def require_hf(hf: dict[str, Any], key: str, allowed: tuple, arch: str) -> None:
