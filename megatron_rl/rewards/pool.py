@@ -1,0 +1,219 @@
+"""Run the configured reward functions over a batch, in worker processes with a time limit.
+
+Each (sample, function) call is one task. A call that raises, or runs past
+`RewardsConfig.timeout_s`, scores 0 for that function on that sample, is logged and counted in
+`RewardBatch.failures`; a hung worker is killed (with its sandboxes, which die with it) and
+replaced. num_workers=0 runs in the calling process: exceptions are caught, but a hanging
+function cannot be interrupted there (use it for debugging).
+"""
+
+import dataclasses
+import logging
+import multiprocessing as mp
+import shutil
+import tempfile
+import time
+import traceback
+from collections import deque
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from megatron_rl.rewards.config import RewardFunctionConfig, RewardsConfig
+from megatron_rl.rewards.registry import BoundReward, bind
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardInput:
+    """One sample to score."""
+
+    prompt: str
+    response: str
+    label: Any
+    metadata: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class RewardBatch:
+    """Scores of a batch: one column per function (for GDPO) and their weighted sum."""
+
+    scores: dict[str, list[float]]
+    """Function column name -> score per sample (0 where the call failed)."""
+    total: list[float]
+    """Per sample: sum of weight * score over the functions."""
+    extras: dict[str, list[float]]
+    """Extra metrics from functions returning dicts ("<column>/<key>"; NaN where absent)."""
+    failures: int
+    """Calls that raised or timed out."""
+    errors: list[str]
+    """One line per failure: sample index, function, what went wrong."""
+
+
+def column_names(functions: list[RewardFunctionConfig]) -> list[str]:
+    """Function names, suffixed `_2`, `_3`... when a name repeats."""
+    seen: dict[str, int] = {}
+    names = []
+    for f in functions:
+        seen[f.name] = seen.get(f.name, 0) + 1
+        names.append(f.name if seen[f.name] == 1 else f"{f.name}_{seen[f.name]}")
+    return names
+
+
+def _split(value: Any) -> tuple[float, dict[str, float]]:
+    """(score, extras) of a function's result; a dict needs a "score" key."""
+    if isinstance(value, dict):
+        if "score" not in value:
+            raise ValueError(f"a reward returning a dict must include 'score'; got {list(value)}")
+        return float(value["score"]), {k: float(v) for k, v in value.items() if k != "score"}
+    return float(value), {}
+
+
+def _call(fn: BoundReward, s: RewardInput) -> tuple[bool, Any]:
+    try:
+        return True, _split(fn(s.prompt, s.response, s.label, s.metadata))
+    except Exception as e:  # a user's reward may raise anything: report, never crash the step
+        tb = traceback.format_exc(limit=-1).strip().splitlines()[-1]
+        return False, f"{type(e).__name__}: {e} [{tb}]"
+
+
+def _worker_main(conn: Connection, config: RewardsConfig, scratch: str) -> None:
+    from megatron_rl.rewards import sandbox
+
+    sandbox.set_scratch_root(scratch)
+    fns = [bind(spec, config) for spec in config.functions]
+    while True:
+        try:
+            msg = conn.recv()
+        except EOFError:
+            return
+        if msg is None:
+            return
+        task_id, fn_index, sample = msg
+        conn.send((task_id, *_call(fns[fn_index], sample)))
+
+
+@dataclasses.dataclass
+class _Worker:
+    process: mp.Process
+    conn: Connection
+    scratch: str
+    task: tuple[int, int] | None = None
+    deadline: float = 0.0
+
+
+class RewardComputer:
+    """Scores batches with `config.functions`; keep one per run (workers start lazily)."""
+
+    def __init__(self, config: RewardsConfig) -> None:
+        config.validate()
+        self.config = config
+        self.names = column_names(config.functions)
+        self.weights = [f.weight for f in config.functions]
+        self._fns = [bind(spec, config) for spec in config.functions]  # errors surface here
+        self._ctx = mp.get_context("spawn")  # the trainer holds threads: never fork it
+        self._workers: list[_Worker] = []
+        self.failures_total = 0
+
+    def __enter__(self) -> "RewardComputer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __call__(self, samples: list[RewardInput]) -> RewardBatch:
+        """Scores of every function on every sample, and the weighted totals."""
+        tasks = [(i, j) for i in range(len(samples)) for j in range(len(self._fns))]
+        results: dict[tuple[int, int], tuple[bool, Any]] = {}
+        if self.config.num_workers == 0:
+            for i, j in tasks:
+                results[i, j] = _call(self._fns[j], samples[i])
+        else:
+            self._run_pool(tasks, samples, results)
+        return self._assemble(samples, results)
+
+    def _assemble(self, samples: list[RewardInput],
+                  results: dict[tuple[int, int], tuple[bool, Any]]) -> RewardBatch:
+        n = len(samples)
+        scores = {name: [0.0] * n for name in self.names}
+        extras: dict[str, list[float]] = {}
+        errors = []
+        for (i, j), (ok, value) in sorted(results.items()):
+            name = self.names[j]
+            if not ok:
+                errors.append(f"sample {i}: reward {name!r} failed: {value}")
+                continue
+            scores[name][i] = value[0]
+            for k, v in value[1].items():
+                extras.setdefault(f"{name}/{k}", [float("nan")] * n)[i] = v
+        for line in errors:
+            logger.warning("%s", line)
+        self.failures_total += len(errors)
+        total = [sum(w * scores[name][i] for name, w in zip(self.names, self.weights,
+                                                                 strict=True))
+                 for i in range(n)]
+        return RewardBatch(scores, total, extras, len(errors), errors)
+
+    def _run_pool(self, tasks: list[tuple[int, int]], samples: list[RewardInput],
+                  results: dict[tuple[int, int], tuple[bool, Any]]) -> None:
+        while len(self._workers) < self.config.num_workers:
+            self._workers.append(self._start_worker())
+        todo = deque(tasks)
+        while todo or any(w.task for w in self._workers):
+            for w in self._workers:
+                if w.task is None and todo:
+                    w.task = todo.popleft()
+                    w.deadline = time.monotonic() + self.config.timeout_s
+                    w.conn.send((0, w.task[1], samples[w.task[0]]))
+            busy = [w for w in self._workers if w.task]
+            timeout = max(0.0, min(w.deadline for w in busy) - time.monotonic())
+            ready = set(wait([w.conn for w in busy] + [w.process.sentinel for w in busy],
+                             timeout))
+            for w in busy:
+                if w.conn in ready or w.process.sentinel in ready:
+                    try:
+                        _, ok, value = w.conn.recv()
+                        results[w.task] = (ok, value)
+                        w.task = None
+                        continue
+                    except (EOFError, OSError):
+                        results[w.task] = (False, "reward worker died")
+                elif time.monotonic() < w.deadline:
+                    continue
+                else:
+                    results[w.task] = (False, f"timed out after {self.config.timeout_s} s")
+                self._replace(w)
+
+    def _start_worker(self) -> _Worker:
+        scratch = tempfile.mkdtemp(prefix="mrl-reward-worker-")
+        parent, child = self._ctx.Pipe()
+        p = self._ctx.Process(target=_worker_main, args=(child, self.config, scratch),
+                              daemon=True, name="reward-worker")
+        p.start()
+        child.close()
+        return _Worker(p, parent, scratch)
+
+    def _stop(self, w: _Worker, kill: bool) -> None:
+        if kill:
+            w.process.kill()
+        else:
+            try:
+                w.conn.send(None)
+            except OSError:
+                pass
+        w.process.join(timeout=None if kill else 5)
+        if w.process.is_alive():
+            w.process.kill()
+            w.process.join()
+        w.conn.close()
+        shutil.rmtree(w.scratch, ignore_errors=True)  # sandboxes of a killed worker
+
+    def _replace(self, w: _Worker) -> None:
+        self._stop(w, kill=True)
+        self._workers[self._workers.index(w)] = self._start_worker()
+
+    def close(self) -> None:
+        """Stop the workers."""
+        for w in self._workers:
+            self._stop(w, kill=False)
+        self._workers = []
