@@ -20,7 +20,8 @@ SMALL = ["actor.seq_length=16", "actor.micro_batch_size=2", "rollout.max_new_tok
 # DeepSeek-V3's MoE recipe in miniature: a first dense layer, sigmoid router with expert bias
 # (aux-loss free), group-limited routing, scaled top-k weights, a shared expert.
 DEEPSEEK_MOE = [
-    "model.num_layers=3", "model.moe_layer_freq=[0,1,1]", "model.num_experts=8",
+    "model.hf_architecture=null", "model.num_layers=3", "model.moe_layer_freq=[0,1,1]",
+    "model.num_experts=8",
     "model.moe_router_topk=2", "model.moe_router_score_function=sigmoid",
     "model.moe_router_enable_expert_bias=true", "model.moe_router_bias_update_rate=0.01",
     "model.moe_router_load_balancing_type=seq_aux_loss", "model.moe_aux_loss_coeff=0.001",

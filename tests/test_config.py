@@ -42,7 +42,7 @@ def test_tiny_config_loads_at_world_size_1() -> None:
     cfg = load_config(TINY, world_size=1)
     assert isinstance(cfg, RunConfig)
     assert cfg.model.num_experts == 8 and cfg.model.moe_router_topk == 2
-    assert cfg.model.num_query_groups == 2 and cfg.model.moe_shared_expert_intermediate_size == 64
+    assert cfg.model.num_query_groups == 2 and cfg.model.hf_architecture == "qwen3_moe"
     assert cfg.parallel.dp == 1  # derived from the world size and filled in
     assert cfg.actor.lr == pytest.approx(1e-3) and cfg.actor.micro_batch_size == 4
     assert cfg.rollout.max_new_tokens == 48 and cfg.train.steps == 60

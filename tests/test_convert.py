@@ -220,3 +220,20 @@ def test_cli_round_trip_with_two_ranks_and_clear_errors(hf_models, tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode != 0
     assert "parallel" in run.stderr.strip().splitlines()[-1]
+
+
+def test_hf_architecture_must_express_the_model():
+    """The tiny default exports as Qwen3-MoE; a feature Qwen3-MoE lacks is named."""
+    import dataclasses
+
+    from megatron_rl.config import load_config
+    from megatron_rl.convert import arch_of
+
+    model = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "tiny_moe_cpu.yaml"),
+                        world_size=1).model
+    assert arch_of(model).name == "qwen3_moe"
+    shared = dataclasses.replace(model, moe_shared_expert_intermediate_size=64)
+    with pytest.raises(ValueError, match="cannot express.*moe_shared_expert_intermediate_size"):
+        arch_of(shared)
+    with pytest.raises(ValueError, match="hf_architecture.*not one of"):
+        arch_of(dataclasses.replace(model, hf_architecture="gpt2"))

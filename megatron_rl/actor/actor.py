@@ -22,6 +22,7 @@ from megatron_rl.actor import checkpoint, compat
 from megatron_rl.actor.config import ActorConfig, ModelConfig, ParallelConfig
 from megatron_rl.actor.model import build_model, padded_vocab_size
 from megatron_rl.actor.step import LossFn, MicroBatch, StepShape, forward_backward, forward_logprobs
+from megatron_rl.convert import arch_of
 from megatron_rl.convert.export import iter_hf_buckets, save_hf
 from megatron_rl.convert.load import load_hf
 from megatron_rl.convert.maps import Arch
@@ -67,8 +68,8 @@ class Actor:
         total_steps: int = 1,
     ) -> None:
         self.model_cfg, self.parallel_cfg, self.actor_cfg = model, parallel, actor
-        self.arch: Arch | None = None
-        """The Hugging Face architecture the weights came from (set by `load_hf`)."""
+        self.arch: Arch | None = arch_of(model) if model.hf_architecture else None
+        """The Hugging Face architecture of the weights (from the config, or set by `load_hf`)."""
         self.model, self.config = build_model(model, parallel, actor)
         self.optimizer = get_megatron_optimizer(
             _optimizer_config(actor, self.config.params_dtype),

@@ -21,6 +21,9 @@ from megatron_rl.configurable import (
 class ModelConfig:
     """Transformer (optionally MoE) architecture, named as in Megatron-Core."""
 
+    hf_architecture: str | None = None
+    """Hugging Face architecture the weights map to (megatron_rl.convert name, e.g. qwen3_moe):
+    needed for HF export and weight sync to rollout engines; set by conversion from HF."""
     vocab_size: int = 512
     """Tokenizer vocabulary size (Megatron pads it for TP internally)."""
     hidden_size: int = 64

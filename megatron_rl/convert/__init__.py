@@ -21,17 +21,39 @@ def hf_model_config(path: str | Path, **overrides: Any) -> tuple[Arch, ModelConf
     """Architecture and `ModelConfig` of the HF checkpoint at `path`."""
     hf = read_hf_config(path)
     arch = arch_for(hf)
-    fields = arch.model_config(hf) | overrides
+    fields = arch.model_config(hf) | {"hf_architecture": arch.name} | overrides
     model = ModelConfig(**fields)
     model.validate()
     return arch, model
 
 
-def arch_of(model_cfg: ModelConfig, name: str) -> Arch:
-    """An architecture by name (for exporting a model built from our own config)."""
+def _effective(m: ModelConfig, key: str) -> Any:
+    """A field's value with its None/shorthand defaults spelled out, as HF configs state them."""
+    value = getattr(m, key)
+    if key == "kv_channels" and value is None:
+        return m.hidden_size // m.num_attention_heads
+    if key == "num_query_groups" and value is None:
+        return m.num_attention_heads
+    if key == "moe_ffn_hidden_size" and value is None:
+        return m.ffn_hidden_size
+    if key == "moe_layer_freq" and isinstance(value, int):
+        return [1 if i % value == 0 else 0 for i in range(m.num_layers)]
+    return value
+
+
+def arch_of(model_cfg: ModelConfig) -> Arch:
+    """The architecture named by `model.hf_architecture`, checked to express this model: the
+    model must survive ModelConfig -> HF config -> ModelConfig unchanged."""
+    name = model_cfg.hf_architecture
     if name not in ARCHS:
-        raise ValueError(f"unknown architecture {name!r}; supported: {sorted(ARCHS)}")
-    return ARCHS[name]
+        raise ValueError(f"model.hf_architecture: {name!r} is not one of {sorted(ARCHS)}")
+    arch = ARCHS[name]
+    back = arch.model_config(arch.hf_config(model_cfg))
+    lost = sorted(k for k, v in back.items() if _effective(model_cfg, k) != v)
+    if lost:
+        diffs = ", ".join(f"{k}={getattr(model_cfg, k)!r} (HF gives {back[k]!r})" for k in lost)
+        raise ValueError(f"model.hf_architecture: {name} cannot express this model: {diffs}")
+    return arch
 
 
 __all__ = ["ARCHS", "Arch", "arch_for", "arch_of", "hf_model_config", "read_hf_config"]
