@@ -7,6 +7,8 @@ pipeline stage on this rank, each wrapped in Megatron's `DistributedDataParallel
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -27,9 +29,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def padded_vocab_size(vocab_size: int, tp: int) -> int:
     """Vocabulary rounded up to `VOCAB_PAD_MULTIPLE` (and to a multiple of tp)."""
-    multiple = VOCAB_PAD_MULTIPLE
-    while multiple % tp:
-        multiple *= 2
+    multiple = math.lcm(VOCAB_PAD_MULTIPLE, tp)
     return -(-vocab_size // multiple) * multiple
 
 

@@ -9,6 +9,7 @@ Entry points:
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,16 @@ def hf_model_config(path: str | Path, **overrides: Any) -> tuple[Arch, ModelConf
     model = ModelConfig(**fields)
     model.validate()
     return arch, model
+
+
+# Fields that shape training, not the weights or the forward pass an HF model must reproduce.
+_TRAINING_ONLY = frozenset({
+    "hf_architecture", "init_method_std", "moe_aux_loss_coeff", "moe_router_load_balancing_type",
+    "moe_router_bias_update_rate", "moe_token_dispatcher_type",
+})
+
+
+_GQA_ONLY = frozenset({"kv_channels", "num_query_groups"})  # MLA has neither
 
 
 def _effective(m: ModelConfig, key: str) -> Any:
@@ -49,9 +60,15 @@ def arch_of(model_cfg: ModelConfig) -> Arch:
         raise ValueError(f"model.hf_architecture: {name!r} is not one of {sorted(ARCHS)}")
     arch = ARCHS[name]
     back = arch.model_config(arch.hf_config(model_cfg))
-    lost = sorted(k for k, v in back.items() if _effective(model_cfg, k) != v)
+    # A field the architecture does not map must be at its default (the feature unused).
+    default = ModelConfig()
+    expected = {f.name: back.get(f.name, _effective(default, f.name))
+                for f in dataclasses.fields(ModelConfig) if f.name not in _TRAINING_ONLY
+                and (model_cfg.num_experts or not f.name.startswith("moe_"))
+                and not (model_cfg.multi_latent_attention and f.name in _GQA_ONLY)}
+    lost = sorted(k for k, v in expected.items() if _effective(model_cfg, k) != v)
     if lost:
-        diffs = ", ".join(f"{k}={getattr(model_cfg, k)!r} (HF gives {back[k]!r})" for k in lost)
+        diffs = ", ".join(f"{k}={getattr(model_cfg, k)!r} (HF gives {expected[k]!r})" for k in lost)
         raise ValueError(f"model.hf_architecture: {name} cannot express this model: {diffs}")
     return arch
 
