@@ -134,7 +134,7 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
 
 CASES = [
     ("llama", 1, {}), ("qwen2", 1, {}), ("qwen3", 1, {}), ("qwen3_moe", 1, {}),
-    ("qwen3", 2, {"tp": 2}), ("qwen2", 2, {"pp": 2}),
+    ("qwen3", 2, {"tp": 2}), ("qwen2", 2, {"pp": 2}), ("llama", 2, {"pp": 2}),
     ("qwen3_moe", 2, {"ep": 2}), ("qwen3_moe", 2, {"tp": 2, "sequence_parallel": True}),
     ("qwen3_moe", 2, {"pp": 2}),
     ("deepseek_v3", 1, {}), ("deepseek_v3", 2, {"tp": 2, "sequence_parallel": True}),

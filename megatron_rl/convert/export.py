@@ -20,7 +20,7 @@ from megatron.core import parallel_state as ps
 from safetensors.torch import save_file
 
 from megatron_rl.convert.load import Target, targets
-from megatron_rl.convert.maps import Arch
+from megatron_rl.convert.maps import TIED_OUTPUT, Arch
 from megatron_rl.convert.reader import INDEX
 
 
@@ -81,6 +81,8 @@ def iter_hf_tensors(chunks: list[torch.nn.Module], arch: Arch, model_cfg
     """Every HF tensor of this rank's pipeline stage, on every rank of the stage (collective)."""
     num_local = _count_local_experts(chunks)
     for t in targets(chunks, arch, model_cfg):
+        if model_cfg.tie_embeddings and t.name.endswith(TIED_OUTPUT):
+            continue  # the last stage's copy of the tied embedding; the first stage exports it
         full = _gather_tp(t)
         for expert, tensor in _expert_sources(t, full, num_local):
             names = t.rule.hf_names(t.layer, expert)

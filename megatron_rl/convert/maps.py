@@ -110,9 +110,14 @@ def glu_mlp_rules(mcore_prefix: str, hf_prefix: str) -> dict[str, Rule]:
     }
 
 
+TIED_OUTPUT = "output_layer.weight"
+
+
 def output_rules(tied: bool) -> dict[str, Rule]:
-    """The LM head, absent when tied to the embedding."""
-    return {} if tied else {"output_layer.weight": Rule("vocab", ("lm_head.weight",))}
+    """The LM head. When tied to the embedding, Megatron still keeps a copy on the last
+    pipeline stage (PP > 1), loaded from the embedding and never exported."""
+    source = "model.embed_tokens.weight" if tied else "lm_head.weight"
+    return {TIED_OUTPUT: Rule("vocab", (source,))}
 
 
 def rope_parameters(hf: dict[str, Any]) -> dict[str, Any]:
