@@ -138,7 +138,7 @@ CASES = [
     ("qwen3_moe", 2, {"ep": 2}), ("qwen3_moe", 2, {"tp": 2, "sequence_parallel": True}),
     ("qwen3_moe", 2, {"pp": 2}),
     ("deepseek_v3", 1, {}), ("deepseek_v3", 2, {"tp": 2, "sequence_parallel": True}),
-    ("deepseek_v3", 2, {"ep": 2}), ("deepseek_v3_yarn", 1, {}),
+    ("deepseek_v3", 2, {"ep": 2}), ("deepseek_v3", 2, {"pp": 2}), ("deepseek_v3_yarn", 1, {}),
 ]
 
 
