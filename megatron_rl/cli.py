@@ -79,6 +79,25 @@ def _add_convert_args(parser: argparse.ArgumentParser) -> None:
         "from the source checkpoint)")
 
 
+def _add_serve_args(parser: argparse.ArgumentParser) -> None:
+    """The model (an HF directory or our config) and where to listen."""
+    src = parser.add_mutually_exclusive_group()
+    src.add_argument("--model-path", help="HF model directory (config.json + weights)")
+    src.add_argument("--config", help="YAML run config: serve a random-init model of its "
+                     "model section (e.g. configs/tiny_moe_cpu.yaml)")
+    parser.add_argument("--tokenizer-path", help="tokenizer directory (default: --model-path)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=30000,
+                        help="port (default: 30000; 0 = any free port, printed when ready)")
+
+
+def _add_profile_args(parser: argparse.ArgumentParser) -> None:
+    """Shapes, kernels and backend to profile (defined beside the kernels; argparse only)."""
+    from megatron_rl.kernels.profile import add_arguments
+
+    add_arguments(parser)
+
+
 def _add_nothing(parser: argparse.ArgumentParser) -> None:
     """Subcommands whose arguments are defined when they are built."""
 
@@ -107,8 +126,10 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "submit": Subcommand(
         "Render an sbatch script for a config and submit it to Slurm", None, 9, _add_submit_args
     ),
-    "profile": Subcommand("Profile kernel throughput (time, bytes/s, FLOP/s)", None, 8),
-    "serve": Subcommand("Serve a model over SGLang-compatible HTTP routes", None, 6),
+    "profile": Subcommand("Profile kernel throughput (time, bytes/s, FLOP/s)",
+                          "megatron_rl.kernels.profile:cli_main", 8, _add_profile_args),
+    "serve": Subcommand("Serve a model over SGLang-compatible HTTP routes",
+                        "megatron_rl.rollout.server:cli_main", 6, _add_serve_args),
 }
 
 

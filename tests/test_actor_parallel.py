@@ -240,11 +240,16 @@ def policy_worker(overrides: list[str], init_root: str, rows_per_mb: int, loss_a
 @pytest.mark.parametrize("layout", ["dp2", "tp2_sp"])
 def test_policy_loss_same_under_layout_and_micro_batch_split(layout, loss_agg, references):
     """DESIGN.md section 4's invariance with the real loss: 1 rank with 2 rows per micro-batch
-    against 2 ranks with 1 row per micro-batch; loss, gradient norm and statistics agree."""
+    against 2 ranks with 1 row per micro-batch; loss, gradient norm and statistics agree.
+
+    The MoE load-balancing loss is off: Megatron computes it per micro-batch from that
+    micro-batch's routing statistics, so it (rightly) depends on the split; the policy loss does
+    not, and that is what is checked here."""
     ref_root, _ = references([])
     init = str(ref_root / "init")
-    (ref,) = run_ranks(policy_worker, 1, [], init, 2, loss_agg)
-    got = run_ranks(policy_worker, 2, LAYOUTS[layout][1], init, 1, loss_agg)
+    no_aux = ["model.moe_aux_loss_coeff=0"]
+    (ref,) = run_ranks(policy_worker, 1, no_aux, init, 2, loss_agg)
+    got = run_ranks(policy_worker, 2, LAYOUTS[layout][1] + no_aux, init, 1, loss_agg)
     assert ref["stats"]["clip_low_tokens"] + ref["stats"]["clip_high_tokens"] > 0
     for res in got:
         assert res["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4)

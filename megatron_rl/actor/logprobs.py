@@ -1,13 +1,20 @@
-"""Per-token log-probs of given labels from vocab-parallel logits, padded vocabulary masked.
+"""Per-token log-probs (and entropy) of given labels from vocab-parallel logits.
 
-Shape legend: b = micro-batch, s = sequence, v = this TP rank's vocabulary slice.
+Shape legend: b = micro-batch, s = sequence, v = this TP rank's vocabulary slice (any leading
+dims work: the logits' leading dims must equal the labels' shape).
+
+Both go through the fused kernel's dispatcher (`megatron_rl.kernels.logprobs`): Triton on CUDA,
+the chunked torch reference on CPU (`MEGATRON_RL_KERNELS=reference` forces it). Padded
+vocabulary ids (>= vocab_size) are -inf on every TP rank; one all-gather of per-token
+statistics over the TP group replaces Megatron's max/sum-exp all-reduces.
 """
 
 from __future__ import annotations
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+from megatron_rl.kernels.logprobs import logprobs_and_entropy
 
 
 def mask_padded_vocab(logits_bsv: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -20,6 +27,26 @@ def mask_padded_vocab(logits_bsv: torch.Tensor, vocab_size: int) -> torch.Tensor
     return logits_bsv.masked_fill(ids >= vocab_size, float("-inf"))
 
 
+def token_logprobs_and_entropy(
+    logits_bsv: torch.Tensor, labels_bs: torch.Tensor, vocab_size: int, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(label), full-vocabulary entropy), each [b, s] fp32, differentiable, across TP.
+
+    Temperature divides the logits before the softmax, exactly as the rollout engine samples.
+    """
+    v_local = logits_bsv.shape[-1]
+    if tuple(logits_bsv.shape[:-1]) != tuple(labels_bs.shape):
+        raise ValueError(f"logits {tuple(logits_bsv.shape)} do not match labels "
+                         f"{tuple(labels_bs.shape)}")
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    group = parallel_state.get_tensor_model_parallel_group() if tp > 1 else None
+    start = parallel_state.get_tensor_model_parallel_rank() * v_local
+    logp, ent = logprobs_and_entropy(
+        logits_bsv.reshape(-1, v_local), labels_bs.reshape(-1), vocab_start=start,
+        vocab_size=vocab_size, temperature=temperature, group=group)
+    return logp.view(labels_bs.shape), ent.view(labels_bs.shape)
+
+
 def token_logprobs(
     logits_bsv: torch.Tensor, labels_bs: torch.Tensor, vocab_size: int, temperature: float = 1.0
 ) -> torch.Tensor:
@@ -27,9 +54,4 @@ def token_logprobs(
 
     Temperature divides the logits before the softmax, exactly as the rollout engine samples.
     """
-    logits = logits_bsv.float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    logits = mask_padded_vocab(logits, vocab_size)
-    # Megatron's vocab-parallel cross entropy does the max/sum-exp all-reduces over TP.
-    return -vocab_parallel_cross_entropy(logits, labels_bs)
+    return token_logprobs_and_entropy(logits_bsv, labels_bs, vocab_size, temperature)[0]

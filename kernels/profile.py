@@ -1,0 +1,301 @@
+"""`megatron-rl profile`: time, bytes moved, FLOP/s and peak memory of the fused kernels, and
+(`--compile-only`) an ahead-of-time sm_90a build of every Triton kernel with its resources.
+
+Shapes: T tokens, V vocabulary, TP ranks (each rank's slice is ceil(V / TP) columns). On a GPU
+the Triton path is timed and compared with the device's bf16 peak and HBM bandwidth; on CPU it
+says so and times the chunked torch references. Bytes and FLOPs are nominal counts of the
+algorithm (logits read once forward; read once and gradient written once backward; ~6 FLOP
+per logit forward, ~8 backward), not hardware counters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+GPU_PEAKS = {  # name fragment: (dense bf16 FLOP/s, HBM bytes/s)
+    "H200": (989e12, 4.8e12), "H100": (989e12, 3.35e12), "A100": (312e12, 2.0e12)}
+REGS_PER_SM, SHARED_PER_SM, MAX_WARPS_PER_SM, MAX_CTAS_PER_SM = 65536, 228 * 1024, 64, 32
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `megatron-rl profile` (argparse only; nothing heavy is imported here)."""
+    parser.add_argument("--tokens", type=int, nargs="+", default=[4096],
+                        help="tokens per call (rows of the logits)")
+    parser.add_argument("--vocab", type=int, nargs="+", default=[129280, 152064],
+                        help="full vocabulary sizes")
+    parser.add_argument("--tp", type=int, nargs="+", default=[1],
+                        help="tensor-parallel sizes (each rank holds ceil(V/TP) columns)")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
+                        help="logits dtype")
+    parser.add_argument("--kernels", nargs="+", choices=["logprobs", "policy_loss"],
+                        default=["logprobs", "policy_loss"])
+    parser.add_argument("--backend", choices=["auto", "triton", "reference"], default="auto",
+                        help="kernel backend (auto: Triton on CUDA, torch reference on CPU)")
+    parser.add_argument("--iters", type=int, default=5, help="timed calls per shape")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls first")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="compile every Triton kernel for sm_90a (no GPU needed) and print "
+                        "registers / shared / local / stack per kernel; no timing")
+    parser.add_argument("--json", action="store_true", help="print JSON rows, not a table")
+
+
+# ---------------------------------------------------------------- ahead-of-time compilation
+def aot_specs() -> list[dict[str, Any]]:
+    """Every Triton kernel at its production constexprs: name, fn, signature, constexprs,
+    num_warps, and the CTAs per SM it needs resident (its occupancy floor)."""
+    from megatron_rl.kernels import triton_logprobs as tlp
+    from megatron_rl.kernels import triton_policy_loss as tpl
+
+    specs = []
+    for dt in ("bf16", "fp32"):
+        for v_local in (129280, 152064, 16160, 19008):  # TP=1 and TP=8 slices
+            bv = tlp.block_v(v_local)
+            common = {"TEMP": 0.7, "BLOCK_V": bv}
+            specs.append(dict(
+                name=f"logprobs_fwd {dt} V/rank={v_local}", fn=tlp.logprobs_fwd_kernel,
+                signature={"logits_ptr": f"*{dt}", "labels_ptr": "*i64", "stats_ptr": "*fp32",
+                           "V": "i32", "stride_t": "i32", "vocab_start": "i32",
+                           "n_valid": "i32"},
+                constexprs=common, num_warps=tlp.num_warps(bv), min_ctas=2))
+            specs.append(dict(
+                name=f"logprobs_bwd {dt} V/rank={v_local}", fn=tlp.logprobs_bwd_kernel,
+                signature={"logits_ptr": f"*{dt}", "labels_ptr": "*i64", "rowstats_ptr": "*fp32",
+                           "grad_lp_ptr": "*fp32", "grad_ent_ptr": "*fp32",
+                           "grad_logits_ptr": f"*{dt}", "V": "i32", "stride_t": "i32",
+                           "stride_gt": "i32", "vocab_start": "i32", "n_valid": "i32"},
+                constexprs=common, num_warps=tlp.num_warps(bv), min_ctas=2))
+    sig = {k: "*fp32" for k in ("lp_ptr", "old_ptr", "adv_ptr", "w_ptr", "mask_ptr", "ref_ptr",
+                                "roll_ptr", "ent_ptr", "dlp_ptr", "dent_ptr", "part_ptr")}
+    sig["N"] = "i32"
+    for label, kl_mode, dual, tis, ent in (("dapo", 0, 0.0, 0.0, 0.0),
+                                           ("grpo_k3", 3, 0.0, 0.0, 0.0),
+                                           ("all_on", 3, 3.0, 2.0, 0.01)):
+        specs.append(dict(
+            name=f"policy_loss {label}", fn=tpl.policy_loss_kernel, signature=sig,
+            constexprs={"EPS_LOW": 0.2, "EPS_HIGH": 0.28, "DUAL_C": dual, "TIS_CAP": tis,
+                        "KL_COEF": 0.001 if kl_mode else 0.0, "KL_MODE": kl_mode,
+                        "ENT_COEF": ent, "HAS_ENT": ent > 0, "CLAMP": 20.0,
+                        "BLOCK": tpl.BLOCK},
+            num_warps=4, min_ctas=4))
+    return specs
+
+
+def cuobjdump() -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                        "cuobjdump")
+
+
+def resource_usage(cubin: bytes) -> dict[str, int]:
+    """REG / SHARED / LOCAL / STACK of a cubin, by Triton's bundled cuobjdump."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([cuobjdump(), "--dump-resource-usage", f.name], check=True,
+                             capture_output=True, text=True).stdout
+    found = dict(re.findall(r"\b(REG|SHARED|LOCAL|STACK):(\d+)", out))
+    return {k.lower(): int(found[k]) for k in ("REG", "SHARED", "LOCAL", "STACK")}
+
+
+def ctas_per_sm(regs: int, shared: int, num_warps: int) -> int:
+    """Resident CTAs per H100 SM allowed by registers, shared memory and warps."""
+    regs_per_warp = math.ceil(max(regs, 1) * 32 / 256) * 256
+    by_regs = REGS_PER_SM // (regs_per_warp * num_warps)
+    by_shared = SHARED_PER_SM // shared if shared else MAX_CTAS_PER_SM
+    return min(by_regs, by_shared, MAX_WARPS_PER_SM // num_warps, MAX_CTAS_PER_SM)
+
+
+def compile_all() -> list[dict[str, Any]]:
+    """AOT-compile every spec for sm_90a; one row per kernel with its resources."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    rows = []
+    for spec in aot_specs():
+        t0 = time.perf_counter()
+        src = ASTSource(fn=spec["fn"], signature=spec["signature"],
+                        constexprs=spec["constexprs"])
+        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                options={"num_warps": spec["num_warps"]})
+        use = resource_usage(kernel.asm["cubin"])
+        ctas = ctas_per_sm(use["reg"], use["shared"], spec["num_warps"])
+        rows.append({"kernel": spec["name"], "num_warps": spec["num_warps"], **use,
+                     "ctas_per_sm": ctas, "min_ctas": spec["min_ctas"],
+                     "ok": use["local"] == 0 and use["stack"] == 0 and ctas >= spec["min_ctas"],
+                     "ptx_bytes": len(kernel.asm["ptx"]), "compile_s": time.perf_counter() - t0})
+    return rows
+
+
+# ---------------------------------------------------------------------------- timing
+def _device_info() -> tuple[str, bool, tuple[float, float] | None]:
+    import torch
+
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        peak = next((v for k, v in GPU_PEAKS.items() if k in name), None)
+        return name, True, peak
+    return f"CPU ({os.cpu_count()} cores, torch {torch.__version__}, no GPU)", False, None
+
+
+def _timed(fn, iters: int, warmup: int, cuda: bool) -> float:
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / max(iters, 1)
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _logprob_calls(x, labels, vocab: int, backend: str):
+    """(forward-only call, forward+backward call) of the log-prob kernel on logits x."""
+    import torch
+
+    from megatron_rl.kernels.logprobs import logprobs_and_entropy
+
+    def fwd():
+        with torch.no_grad():
+            return logprobs_and_entropy(x, labels, vocab_size=vocab, temperature=0.7,
+                                        backend=backend)
+
+    def fwd_bwd():
+        lp, ent = logprobs_and_entropy(x, labels, vocab_size=vocab, temperature=0.7,
+                                       backend=backend)
+        (lp.sum() + 0.01 * ent.sum()).backward()
+        x.grad = None
+
+    return fwd, fwd_bwd
+
+
+def _policy_call(lp, old, adv, mask, ref, backend: str):
+    """Forward+backward call of the fused policy loss (DAPO clip, k3 KL)."""
+    from megatron_rl.kernels.policy_loss import fused_policy_loss
+
+    def pl():
+        loss, _ = fused_policy_loss(lp, old, adv, mask, float(lp.numel()), eps_high=0.28,
+                                    ref_logprobs=ref, kl_coef=0.001, backend=backend)
+        loss.backward()
+        lp.grad = None
+
+    return pl
+
+
+def profile_shapes(args: argparse.Namespace) -> list[dict[str, Any]]:
+    import torch
+
+    from megatron_rl.kernels import dispatch
+
+    _, cuda, _ = _device_info()
+    dev = "cuda" if cuda else "cpu"
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    rows = []
+    for t in args.tokens:
+        for v in args.vocab:
+            for tp in args.tp:
+                if "logprobs" not in args.kernels:
+                    break
+                vl = -(-v // tp)
+                x = torch.randn(t, vl, device=dev, dtype=dtype).requires_grad_()
+                labels = torch.randint(0, vl, (t,), device=dev)
+                path = "triton" if dispatch.use_triton(x, args.backend) else "torch reference"
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated() if cuda else 0.0
+
+                fwd, fwd_bwd = _logprob_calls(x, labels, v, args.backend)
+
+                elems, es = t * vl, x.element_size()
+                for name, fn, nbytes, flops in (
+                        ("logprobs fwd", fwd, elems * es, 6 * elems),
+                        ("logprobs fwd+bwd", fwd_bwd, 4 * elems * es, 14 * elems)):
+                    sec = _timed(fn, args.iters, args.warmup, cuda)
+                    peak = ((torch.cuda.max_memory_allocated() - base) / 2**20 if cuda
+                            else _rss_mb())
+                    rows.append(dict(kernel=name, path=path, tokens=t, vocab=v, tp=tp,
+                                     dtype=args.dtype, ms=sec * 1e3, gbytes_s=nbytes / sec / 1e9,
+                                     gflop_s=flops / sec / 1e9, peak_mb=peak))
+                del x
+    if "policy_loss" in args.kernels:
+        for t in args.tokens:
+            lp = (torch.randn(t // 16 or 1, 16, device=dev) - 2).requires_grad_()
+            old = lp.detach() + 0.1 * torch.randn_like(lp)
+            ref, adv = lp.detach() + 0.1 * torch.randn_like(lp), torch.randn(lp.shape[0],
+                                                                              device=dev)
+            mask = torch.ones_like(lp)
+            path = "triton" if dispatch.use_triton(lp, args.backend) else "torch reference"
+
+            pl = _policy_call(lp, old, adv, mask, ref, args.backend)
+
+            sec = _timed(pl, args.iters, args.warmup, cuda)
+            n = lp.numel()
+            rows.append(dict(kernel="policy_loss fwd+bwd", path=path, tokens=n, vocab=0, tp=1,
+                             dtype="fp32", ms=sec * 1e3, gbytes_s=7 * 4 * n / sec / 1e9,
+                             gflop_s=30 * n / sec / 1e9,
+                             peak_mb=(torch.cuda.max_memory_allocated() / 2**20 if cuda
+                                      else _rss_mb())))
+    return rows
+
+
+def _table(rows: list[dict[str, Any]], cols: list[str]) -> str:
+    def fmt(x: Any) -> str:
+        return f"{x:,.2f}" if isinstance(x, float) else str(x)
+
+    cells = [cols] + [[fmt(r[c]) for c in cols] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True))
+                     for row in cells)
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    """Run `megatron-rl profile`; returns the exit code (1 if an AOT kernel fails its check)."""
+    if args.compile_only:
+        rows = compile_all()
+        print("AOT compile for sm_90a (H100), Triton cuobjdump --dump-resource-usage")
+        print(json.dumps(rows, indent=1) if args.json else _table(
+            rows, ["kernel", "num_warps", "reg", "shared", "local", "stack", "ctas_per_sm",
+                   "min_ctas", "ok"]))
+        return 0 if all(r["ok"] for r in rows) else 1
+    name, cuda, peak = _device_info()
+    print(f"device: {name}" + ("" if cuda else " -- CPU: timing the chunked torch paths"))
+    rows = profile_shapes(args)
+    if peak is not None:
+        for r in rows:
+            r["pct_bf16_peak"] = 100 * r["gflop_s"] * 1e9 / peak[0]
+            r["pct_hbm"] = 100 * r["gbytes_s"] * 1e9 / peak[1]
+    cols = ["kernel", "path", "tokens", "vocab", "tp", "dtype", "ms", "gbytes_s", "gflop_s",
+            "peak_mb"] + (["pct_bf16_peak", "pct_hbm"] if peak is not None else [])
+    print(json.dumps(rows, indent=1) if args.json else _table(rows, cols))
+    if not cuda:
+        print("peak_mb on CPU is the process's peak RSS so far (ru_maxrss), not per shape.")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="megatron-rl profile", description=__doc__)
+    add_arguments(parser)
+    return cli_main(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

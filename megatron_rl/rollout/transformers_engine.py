@@ -1,0 +1,330 @@
+"""The embedded rollout engine: a `transformers` causal LM sampling batches with a KV cache.
+
+One forward over the left-padded prompts, then one token per step for every row; the log-prob
+of each sampled token is log_softmax(logits / temperature) *before* top-k/top-p truncation,
+which is what the actor recomputes (`actor.logprobs(..., temperature)`). With
+`return_routed_experts=True`, forward hooks on the MoE gates record the experts each token was
+sent to, exactly as the model used them (the gate's returned top-k indices).
+
+On CPU there is no device memory to hand back: `release_memory_occupation` drops nothing but
+marks the engine released (the KV cache only lives for one `generate` call), and the weights
+stay in place, so `resume_memory_occupation` needs no reload.
+
+Shape legend: B = rows (prompts x n), P = padded prompt length, V = vocabulary, K = top-k,
+L = MoE layers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from megatron_rl.rollout.engine import EngineError
+from megatron_rl.rollout.hf_weights import HFWeightApplier, iter_checkpoint
+from megatron_rl.rollout.types import GenerateOutput, SamplingParams
+
+
+def _truncate(logits_BV: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Logits with everything outside the top-k and the top-p nucleus set to -inf."""
+    if top_k != -1 and top_k < logits_BV.shape[-1]:
+        kth = logits_BV.topk(top_k, dim=-1).values[:, -1:]
+        logits_BV = logits_BV.masked_fill(logits_BV < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits_BV.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the mass before it already reaches top_p (the first always stays).
+        drop = (probs.cumsum(-1) - probs) >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits_BV = torch.full_like(logits_BV, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits_BV
+
+
+class _GateRecorder:
+    """Forward hooks on the MoE gates: the top-k expert ids of each forward, per layer."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.gates = [m for name, m in model.named_modules()
+                      if name.endswith("mlp.gate") and "Router" in type(m).__name__]
+        self.calls: list[list[torch.Tensor]] = []
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> _GateRecorder:
+        for layer, gate in enumerate(self.gates):
+            self._handles.append(gate.register_forward_hook(self._hook(layer)))
+        return self
+
+    def _hook(self, layer: int):
+        def hook(_module, _inputs, output) -> None:
+            # transformers 5 routers return (router_logits, top-k weights, top-k indices).
+            indices = output[2]
+            if layer == 0:
+                self.calls.append([])
+            self.calls[-1].append(indices.detach().clone())
+        return hook
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def pop(self, rows: int) -> torch.Tensor:
+        """Experts of the last forward as [B, S, L, K]."""
+        per_layer = self.calls.pop()
+        return torch.stack([x.view(rows, -1, x.shape[-1]) for x in per_layer], dim=2)
+
+
+@dataclass
+class _Rows:
+    """Decode state of one chunk of rows."""
+
+    prompts: list[list[int]]
+    out: list[list[int]]
+    logprobs: list[list[float]]
+    finish: list[str | None]
+    experts: list[list[torch.Tensor]]
+    """Per row, the [S, L, K] expert blocks of the tokens it fed through the model."""
+
+
+class TransformersEngine:
+    """A `RolloutEngine` around an in-memory Hugging Face causal LM (CPU or one GPU)."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any = None, address: str = "embedded",
+                 max_batch_tokens: int = 16384, timeout_s: float = 600.0) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.address = address
+        self.max_batch_tokens = max_batch_tokens
+        """Rows x (prompt + max_new_tokens) of one decode batch; more rows run in chunks."""
+        self.timeout_s = timeout_s
+        """Wall-clock limit of one call (generate, weight update group)."""
+        self._weights = HFWeightApplier(self.model)
+        self._released = False
+        self._groups: dict[str, tuple[Any, Any]] = {}
+        cfg = model.config
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        eos = cfg.eos_token_id if eos is None else eos
+        if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
+            eos = tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        self.pad_id = (getattr(tokenizer, "pad_token_id", None) if tokenizer else None) or 0
+
+    @classmethod
+    def from_model_config(cls, model_cfg: Any, arch: Any = None, dtype: torch.dtype =
+                          torch.float32, **kwargs: Any) -> TransformersEngine:
+        """An engine on a fresh HF model of our `ModelConfig` (weights come by weight sync)."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from megatron_rl.convert import arch_of
+
+        arch = arch or arch_of(model_cfg)
+        config = AutoConfig.for_model(**arch.hf_config(model_cfg))
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        return cls(model, **kwargs)
+
+    # ---- generation -------------------------------------------------------------------------
+
+    def generate(
+        self,
+        input_ids: Sequence[Sequence[int]] | None = None,
+        sampling_params: SamplingParams | None = None,
+        prompt: Sequence[str] | None = None,
+        return_routed_experts: bool = False,
+    ) -> list[list[GenerateOutput]]:
+        """For each prompt, `sampling_params.n` samples (rows of a prompt are adjacent)."""
+        sp = sampling_params or SamplingParams()
+        prompts = self._prompt_ids(input_ids, prompt)
+        if self._released:
+            raise EngineError(f"engine {self.address}: generate after release_memory_occupation;"
+                              " call resume_memory_occupation first")
+        if sp.stop and self.tokenizer is None:
+            raise EngineError(f"engine {self.address}: stop strings need a tokenizer")
+        rows = [list(p) for p in prompts for _ in range(sp.n)]
+        gen = torch.Generator().manual_seed(sp.seed) if sp.seed is not None else None
+        deadline = time.monotonic() + self.timeout_s
+        longest = max(len(r) for r in rows) + sp.max_new_tokens
+        per_chunk = max(1, self.max_batch_tokens // longest)
+        outputs: list[GenerateOutput] = []
+        for start in range(0, len(rows), per_chunk):
+            outputs += self._generate_chunk(rows[start : start + per_chunk], sp, gen, deadline,
+                                            return_routed_experts)
+        return [outputs[i * sp.n : (i + 1) * sp.n] for i in range(len(prompts))]
+
+    def _prompt_ids(self, input_ids, prompt) -> list[list[int]]:
+        if (input_ids is None) == (prompt is None):
+            raise EngineError(f"engine {self.address}: give exactly one of input_ids or prompt")
+        if input_ids is None:
+            if self.tokenizer is None:
+                raise EngineError(f"engine {self.address}: text prompts need a tokenizer")
+            input_ids = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompt]
+        ids = [list(map(int, p)) for p in input_ids]
+        if not ids or any(len(p) == 0 for p in ids):
+            raise EngineError(f"engine {self.address}: empty prompt list or empty prompt")
+        return ids
+
+    @torch.no_grad()
+    def _generate_chunk(self, prompts: list[list[int]], sp: SamplingParams,
+                        gen: torch.Generator | None, deadline: float,
+                        capture: bool) -> list[GenerateOutput]:
+        from transformers import DynamicCache
+
+        B, P = len(prompts), max(len(p) for p in prompts)
+        ids_BP = torch.full((B, P), self.pad_id, dtype=torch.long)
+        mask_BP = torch.zeros((B, P), dtype=torch.long)
+        for r, p in enumerate(prompts):  # left padding: every row's next token is at column P
+            ids_BP[r, P - len(p):] = torch.tensor(p)
+            mask_BP[r, P - len(p):] = 1
+        pos_BP = (mask_BP.cumsum(-1) - 1).clamp(min=0)
+        st = _Rows(prompts, [[] for _ in range(B)], [[] for _ in range(B)], [None] * B,
+                   [[] for _ in range(B)])
+        cache = DynamicCache(config=self.model.config)
+        stop_ids = self.eos_ids | set(sp.stop_token_ids)
+        recorder = _GateRecorder(self.model) if capture else None
+        with recorder or _Null():
+            logits = self._forward(ids_BP, mask_BP, pos_BP, cache)
+            if recorder:
+                ex = recorder.pop(B)
+                for r, p in enumerate(prompts):
+                    st.experts[r].append(ex[r, P - len(p):])
+            for step in range(sp.max_new_tokens):
+                if time.monotonic() > deadline:
+                    raise EngineError(f"engine {self.address}: generate exceeded its "
+                                      f"{self.timeout_s:.0f} s timeout")
+                sampled = [f is None for f in st.finish]  # rows that draw a token this step
+                tokens = self._sample_step(logits, sp, gen, st, stop_ids, step)
+                running = any(f is None for f in st.finish)
+                if not running and not capture:
+                    break
+                # Feed the new tokens (finished rows feed padding nobody reads); when capturing,
+                # this also routes each row's last token, so experts cover prompt + output.
+                mask_BP = torch.cat([mask_BP, torch.ones(B, 1, dtype=torch.long)], 1)
+                pos_BP = pos_BP[:, -1:] + 1
+                logits = self._forward(tokens[:, None], mask_BP, pos_BP, cache)
+                if recorder:
+                    ex = recorder.pop(B)
+                    for r in range(B):
+                        if sampled[r]:
+                            st.experts[r].append(ex[r])
+                if not running:
+                    break
+        return [self._output(st, r, capture) for r in range(B)]
+
+    def _forward(self, ids, mask, pos, cache) -> torch.Tensor:
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1].float()
+
+    def _sample_step(self, logits_BV: torch.Tensor, sp: SamplingParams,
+                     gen: torch.Generator | None, st: _Rows, stop_ids: set[int],
+                     step: int) -> torch.Tensor:
+        """Sample one token for every unfinished row; record it, its log-prob, and stops."""
+        scaled = logits_BV / sp.temperature
+        logp_BV = scaled.log_softmax(-1)
+        probs = _truncate(scaled, sp.top_k, sp.top_p).softmax(-1)
+        tokens = torch.multinomial(probs, 1, generator=gen)[:, 0]
+        for r, tok in enumerate(tokens.tolist()):
+            if st.finish[r] is not None:
+                tokens[r] = self.pad_id
+                continue
+            st.out[r].append(tok)
+            st.logprobs[r].append(float(logp_BV[r, tok]))
+            if tok in stop_ids or self._hit_stop_string(st.out[r], sp.stop):
+                st.finish[r] = "stop"
+            elif step + 1 == sp.max_new_tokens:
+                st.finish[r] = "length"
+        return tokens
+
+    def _hit_stop_string(self, out: list[int], stop: list[str]) -> bool:
+        if not stop:
+            return False
+        longest = max(len(s) for s in stop)
+        tail = self.tokenizer.decode(out[-(longest + 8):], skip_special_tokens=False)
+        return any(s in tail for s in stop)
+
+    def _output(self, st: _Rows, r: int, capture: bool) -> GenerateOutput:
+        experts = torch.cat(st.experts[r]) if capture and st.experts[r] else None
+        text = self.tokenizer.decode(st.out[r]) if self.tokenizer is not None else ""
+        return GenerateOutput(output_ids=st.out[r], output_logprobs=st.logprobs[r],
+                              finish_reason=st.finish[r] or "length", text=text,
+                              routed_experts=experts, prompt_ids=st.prompts[r])
+
+    # ---- weights ----------------------------------------------------------------------------
+
+    def update_weights_from_tensor(self, named_tensors: Sequence[tuple[str, torch.Tensor]],
+                                   load_format: str | None = None,
+                                   flush_cache: bool = True) -> None:
+        """Copy HF-named tensors into the model in place (fused MoE experts handled)."""
+        try:
+            self._weights.apply(named_tensors)
+        except (KeyError, ValueError) as e:
+            raise EngineError(f"engine {self.address}: {e}") from e
+
+    def update_weights_from_disk(self, model_path: str, load_format: str | None = None) -> None:
+        """Reload every weight from an HF safetensors checkpoint directory."""
+        self.update_weights_from_tensor(iter_checkpoint(model_path))
+
+    def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int,
+                                  world_size: int, group_name: str = "weight_update_group",
+                                  backend: str = "gloo") -> None:
+        """Join the trainer's broadcast group as rank `rank_offset` (the trainer is rank 0).
+
+        The group is its own gloo process group on its own TCP store, independent of any
+        default process group in this process (SGLang does the same with NCCL).
+        """
+
+        from megatron_rl.rollout.weight_sync import open_update_group
+
+        if backend not in ("gloo", "nccl"):
+            raise EngineError(f"engine {self.address}: unknown backend {backend!r}")
+        self._groups[group_name] = open_update_group(
+            master_address, master_port, rank_offset, world_size, group_name, self.timeout_s)
+
+    def update_weights_from_distributed(self, names: Sequence[str], dtypes: Sequence[str],
+                                        shapes: Sequence[Sequence[int]],
+                                        group_name: str = "weight_update_group",
+                                        flush_cache: bool = True) -> None:
+        """Receive one bucket by broadcast from rank 0 of the update group, then apply it."""
+        from megatron_rl.rollout.weight_sync import broadcast_tensor
+
+        if group_name not in self._groups:
+            raise EngineError(f"engine {self.address}: no weight update group {group_name!r}; "
+                              "call init_weights_update_group first")
+        pg, _store = self._groups[group_name]
+        tensors = [torch.empty(tuple(s), dtype=getattr(torch, d.removeprefix("torch.")))
+                   for d, s in zip(dtypes, shapes, strict=True)]
+        for name, t in zip(names, tensors, strict=True):
+            try:
+                broadcast_tensor(pg, t, name, self.timeout_s)
+            except EngineError as e:
+                raise EngineError(f"engine {self.address}: {e}") from e
+        self.update_weights_from_tensor(list(zip(names, tensors, strict=True)))
+
+    def destroy_weights_update_group(self, group_name: str = "weight_update_group") -> None:
+        """Leave the update group (SGLang's /destroy_weights_update_group)."""
+        self._groups.pop(group_name, None)
+
+    # ---- memory and housekeeping ------------------------------------------------------------
+
+    def release_memory_occupation(self, tags: Sequence[str] | None = None) -> None:
+        """Mark released; on CPU the weights stay (nothing to hand back to a GPU)."""
+        self._released = True
+
+    def resume_memory_occupation(self, tags: Sequence[str] | None = None) -> None:
+        self._released = False
+
+    def flush_cache(self) -> None:
+        """No-op: the KV cache lives for one generate call, so no prefix survives an update."""
+
+    def health(self) -> bool:
+        return True
+
+
+class _Null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
