@@ -218,3 +218,36 @@ def test_bad_layout_fails_with_config_error_in_the_rank():
 
 def deepseek_like_bad_worker(overrides: list[str]) -> None:
     _actor(overrides)
+
+
+def policy_impl_worker(impl: str) -> dict:
+    """One step of the clipped loss with KL and entropy bonus, by the fused kernel's dispatcher
+    or by the algorithms library, from the same weights and batch."""
+    import dataclasses
+
+    from megatron_rl.actor.loss import policy_loss_fn
+    from megatron_rl.algorithms import denominator, make_loss_fn
+
+    cfg, actor = _actor(["algorithm.dual_clip_c=3.0"])
+    mbs = _batch(cfg.model.vocab_size)
+    g = torch.Generator().manual_seed(3)
+    for mb, logp in zip(mbs, actor.logprobs(mbs), strict=True):
+        mb.extras.update(advantages=torch.randn(2, generator=g),
+                         old_logprobs=logp + 0.3 * torch.randn(logp.shape, generator=g),
+                         ref_logprobs=logp + 0.1 * torch.randn(logp.shape, generator=g))
+    alg = dataclasses.replace(cfg.algorithm, kl_coef=0.05, entropy_coef=0.01)
+    den = denominator(alg.loss_agg, [mb.loss_mask for mb in mbs])
+    fn = policy_loss_fn(alg, den) if impl == "kernel" else make_loss_fn(alg, den)
+    if impl == "algorithms":  # the library reads the entropy from the extras as well
+        fn.needs_entropy = True
+    res = actor.train_step(mbs, fn)
+    return {"stats": res.stats, "grad_norm": res.grad_norm}
+
+
+def test_fused_policy_loss_in_the_actor_matches_the_algorithms_library():
+    (kernel,) = run_ranks(policy_impl_worker, 1, "kernel")
+    (library,) = run_ranks(policy_impl_worker, 1, "algorithms")
+    assert kernel["grad_norm"] == pytest.approx(library["grad_norm"], rel=1e-5)
+    assert "entropy_sum" in kernel["stats"] and "kl_sum" in kernel["stats"]
+    for key, value in library["stats"].items():
+        assert kernel["stats"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key

@@ -10,6 +10,7 @@ Shape legend: b = micro-batch size, s = sequence length, v = vocabulary slice of
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -19,7 +20,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_rl.actor.logprobs import token_logprobs
+from megatron_rl.actor.logprobs import token_logprobs, token_logprobs_and_entropy
 
 
 @dataclass(eq=False)
@@ -47,7 +48,8 @@ class MicroBatch:
 LossFn = Callable[[torch.Tensor, MicroBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 """(logprobs [b, s], micro-batch) -> (loss of this micro-batch over the global denominator,
 statistics to combine over micro-batches and DP ranks: sums, or maxima for keys ending in
-`_max`)."""
+`_max`). A loss with `needs_entropy = True` also finds the per-token entropy [b, s] in
+`mb.extras["entropy"]`."""
 
 
 def nll_loss(global_tokens: float) -> LossFn:
@@ -81,10 +83,16 @@ def _forward_step(
     output = model(mb.tokens, mb.positions(), None)
 
     def loss_func(logits_bsv: torch.Tensor):
-        logprobs = token_logprobs(logits_bsv, mb.labels, shape.vocab_size, shape.temperature)
+        batch = mb
+        if getattr(loss_fn, "needs_entropy", False):  # entropy bonus: one pass gives both
+            logprobs, entropy = token_logprobs_and_entropy(
+                logits_bsv, mb.labels, shape.vocab_size, shape.temperature)
+            batch = dataclasses.replace(mb, extras={**mb.extras, "entropy": entropy})
+        else:
+            logprobs = token_logprobs(logits_bsv, mb.labels, shape.vocab_size, shape.temperature)
         if loss_fn is None:  # forward only: hand back the log-probs
             return torch.zeros((), device=logits_bsv.device), {"logprobs": logprobs.detach()}
-        loss, stats = loss_fn(logprobs, mb)
+        loss, stats = loss_fn(logprobs, batch)
         stats = {k: v.detach().float() for k, v in stats.items()}
         stats["loss"] = loss.detach().float()
         return loss * scale, stats
