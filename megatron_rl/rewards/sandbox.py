@@ -172,7 +172,7 @@ def _prepare(workdir: Path, source: str, stdin: str, uid: int | None) -> None:
 def _launcher_config(workdir: Path, limits: SandboxLimits, iso: Isolation,
                      uid: int | None) -> dict:
     nproc = limits.nproc if uid is not None else _own_process_count() + limits.nproc
-    python = sys.executable
+    python = program_interpreter()
     argv = [python, "-I", "prog.py"] if iso.netns else [python, "-I", "-c", _NO_NET_BOOTSTRAP]
     mib = 1 << 20
     return {
@@ -184,12 +184,32 @@ def _launcher_config(workdir: Path, limits: SandboxLimits, iso: Isolation,
     }
 
 
+HIDDEN_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
+"""Host directories the mount namespace replaces with the sandbox's own (see `_launcher.py`)."""
+
+
+@functools.cache
+def program_interpreter() -> str:
+    """The base interpreter the program runs with, by its real path.
+
+    Not the virtualenv's `python`: a venv may live under a directory the sandbox hides (a clone
+    under /tmp), and the program needs only the standard library. The real binary's prefix is
+    the base installation, which the launcher makes reachable for the sandbox uid.
+    """
+    python = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+    if any(python == d or python.startswith(d + "/") for d in HIDDEN_DIRS):
+        raise RuntimeError(f"sandbox: the Python interpreter {python} lives under a directory "
+                           f"the sandbox hides ({', '.join(HIDDEN_DIRS)}); install Python "
+                           "elsewhere to run the code reward")
+    return python
+
+
 @functools.cache
 def _hidden_ancestors() -> list[tuple[str, str]]:
     """(dir, child) pairs on the interpreter's paths where `dir` is not world-traversable."""
     pairs: set[tuple[str, str]] = set()
-    for p in {os.path.realpath(sys.executable), os.path.realpath(sys.base_prefix),
-              os.path.realpath(sys.prefix)}:
+    base = os.path.realpath(sys.base_prefix)
+    for p in {program_interpreter(), base}:
         parts = Path(p).parts
         for i in range(1, len(parts) - 1):
             d = Path(*parts[: i + 1])
