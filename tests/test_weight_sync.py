@@ -194,7 +194,7 @@ def test_sync_parity_and_replay(world, parallel, tmp_path):
     assert max(sizes) <= BUCKET and len(sizes) > 5 and r0["flushed"] == 1
     report = r0["report"]
     assert report.bytes == sum(sizes) and report.tensors == len(names)
-    assert report.max_bucket_bytes == max(sizes) and report.seconds > 0
+    assert report.max_bucket_bytes == max(sizes)
     assert results[-1]["report"].bytes == (0 if world > 1 else report.bytes)
     # Replay: the actor's routers picked exactly the engine's experts, forward and training.
     for res in results:
