@@ -80,7 +80,6 @@ def test_dynamic_sampling_fills_the_target_across_batches() -> None:
     assert [x.reward for x in first] == [0.0, 1.0, 0.0, 1.0]
     assert first[2].rollout_logprobs == pytest.approx([-0.3, -0.3])
     assert rep.response_tokens == 6 * G * 2 and rep.prompt_tokens == 6 * G
-    assert rep.generate_seconds <= rep.seconds  # generation is part of the step (no bound)
     assert rep.engine_failures == []
 
 
