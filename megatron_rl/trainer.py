@@ -81,6 +81,20 @@ class Trainer:
 
     # ---- the loop ------------------------------------------------------------------------------
 
+    def run(self, steps: int | None = None) -> list[dict[str, float]]:
+        """Train for `steps` (default `train.steps`), logging every step (console line with ETA,
+        tensorboard, `<output_dir>/metrics.jsonl`, learning-curve PNG at the end)."""
+        from megatron_rl.metrics import MetricsLogger
+
+        total = steps if steps is not None else self.cfg.train.steps
+        history = []
+        with MetricsLogger(self.cfg.logging, self.cfg.train.output_dir, total,
+                           rank=self.rank) as logger:
+            for _ in range(total):
+                history.append(self.train_step())
+                logger.log(self.step, history[-1])
+        return history
+
     def train_step(self) -> dict[str, float]:
         """One RL step; returns its metrics (on every rank)."""
         start = time.perf_counter()

@@ -27,9 +27,10 @@ def trainer_worker(overrides: list[str], out: str) -> list[dict]:
         "rewards.num_workers=0", f"data.tokenizer_cache={out}/tok", "parallel.timeout_s=120",
         # A random model rarely answers right: keep every group so the update always runs.
         "algorithm.dynamic_sampling=false",
+        f"train.output_dir={out}/run", f"logging.log_dir={out}/tb",
     ], world_size=int(os.environ["WORLD_SIZE"]))
     trainer = Trainer(cfg)
-    history = [trainer.train_step() for _ in range(2)]
+    history = trainer.run(steps=2)
     if trainer.rank == 0:  # the engine samples with the actor's latest weights
         from megatron_rl.actor.step import MicroBatch
 
@@ -56,3 +57,6 @@ def test_two_rl_steps(world, overrides, tmp_path):
             assert m["weight_sync/bytes"] > 0
     assert results[0][:2] == results[-1][:2]  # every rank reports the same step metrics
     assert results[0][2]["sync_gap"] < 1e-4
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and '"reward/mean"' in lines[0]
+    assert (tmp_path / "run" / "learning_curve.png").stat().st_size > 0
