@@ -134,6 +134,16 @@ def parse_output(item: dict[str, Any], prompt_ids: Sequence[int] | None,
         routed_experts=experts, prompt_ids=list(prompt_ids or []))
 
 
+def _generate_request(input_ids: Sequence[Sequence[int]] | None, prompt: Sequence[str] | None,
+                      sampling_params: SamplingParams | None, return_routed_experts: bool
+                      ) -> tuple[SamplingParams, dict[str, Any], int]:
+    """(sampling params, /generate body, number of prompts) shared by the HTTP and in-process
+    engines."""
+    params = sampling_params or SamplingParams()
+    body = generate_payload(input_ids, prompt, params, return_routed_experts)
+    return params, body, len(body.get("input_ids") or body.get("text") or [])
+
+
 def generate_payload(input_ids: Sequence[Sequence[int]] | None, prompt: Sequence[str] | None,
                      params: SamplingParams, return_routed_experts: bool) -> dict[str, Any]:
     """The /generate request body (GenerateReqInput) of a batch, with output log-probs."""
@@ -239,9 +249,8 @@ class SGLangEngine:
                  prompt: Sequence[str] | None = None,
                  return_routed_experts: bool = False) -> list[list[GenerateOutput]]:
         """For each prompt, `sampling_params.n` outputs with per-token log-probs."""
-        params = sampling_params or SamplingParams()
-        body = generate_payload(input_ids, prompt, params, return_routed_experts)
-        n_prompts = len(body.get("input_ids") or body.get("text") or [])
+        params, body, n_prompts = _generate_request(input_ids, prompt, sampling_params,
+                                                    return_routed_experts)
         if n_prompts == 0:
             return []
         items = self.request("/generate", body)
@@ -367,9 +376,8 @@ class SGLangInProcessEngine:
                  prompt: Sequence[str] | None = None,
                  return_routed_experts: bool = False) -> list[list[GenerateOutput]]:
         """Same request and parsing as `SGLangEngine.generate`."""
-        params = sampling_params or SamplingParams()
-        body = generate_payload(input_ids, prompt, params, return_routed_experts)
-        n_prompts = len(body.get("input_ids") or body.get("text") or [])
+        params, body, n_prompts = _generate_request(input_ids, prompt, sampling_params,
+                                                    return_routed_experts)
         if n_prompts == 0:
             return []
         key = "input_ids" if "input_ids" in body else "prompt"
