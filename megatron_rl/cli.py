@@ -98,6 +98,19 @@ def _add_profile_args(parser: argparse.ArgumentParser) -> None:
     add_arguments(parser)
 
 
+def _add_eval_args(parser: argparse.ArgumentParser) -> None:
+    """Config arguments, the model to evaluate (`--checkpoint DIR | --hf DIR`) and `--out`."""
+    _add_config_args(parser)
+    src = parser.add_mutually_exclusive_group()  # one is needed: the handler says so
+    src.add_argument("--checkpoint", metavar="DIR", help="Megatron dist checkpoint written by "
+                     "megatron-rl (or the root holding its `latest` file)")
+    src.add_argument("--hf", metavar="DIR", help="Hugging Face model directory (config.json + "
+                     "safetensors); its tokenizer if it has one, else the config's")
+    parser.add_argument("--out", metavar="FILE", help="per-problem results as JSON lines "
+                        "(default: <train.output_dir>/eval_results.jsonl); eval_metrics.json "
+                        "is written beside it")
+
+
 def _add_nothing(parser: argparse.ArgumentParser) -> None:
     """Subcommands whose arguments are defined when they are built."""
 
@@ -115,7 +128,8 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "train": Subcommand(
         "Run RL training (GRPO/DAPO/GDPO) from a YAML config", None, 7, _add_config_args
     ),
-    "eval": Subcommand("Evaluate a checkpoint: pass@k, cons@k, avg@k", None, 7, _add_config_args),
+    "eval": Subcommand("Evaluate a checkpoint: pass@k, cons@k, avg@k",
+                       "megatron_rl.evaluate:cli_main", 7, _add_eval_args),
     "convert": Subcommand(
         "Convert checkpoints between Hugging Face and Megatron", "megatron_rl.convert.cli:main", 5,
         _add_convert_args,

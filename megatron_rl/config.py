@@ -32,14 +32,16 @@ from megatron_rl.configurable import (
     yaml_load,
 )
 from megatron_rl.data.config import DataConfig
+from megatron_rl.evaluate import EvalConfig
 from megatron_rl.metrics.config import LoggingConfig
 from megatron_rl.rewards.config import RewardFunctionConfig, RewardsConfig
 from megatron_rl.rollout.config import RolloutConfig
 
 __all__ = [
     "ActorConfig", "AlgorithmConfig", "CheckpointConfig", "ConfigError", "DataConfig",
-    "LoggingConfig", "ModelConfig", "ParallelConfig", "RewardFunctionConfig", "RewardsConfig",
-    "RolloutConfig", "RunConfig", "TrainConfig", "dump_yaml", "load_config", "to_dict",
+    "EvalConfig", "LoggingConfig", "ModelConfig", "ParallelConfig", "RewardFunctionConfig",
+    "RewardsConfig", "RolloutConfig", "RunConfig", "TrainConfig", "dump_yaml", "load_config",
+    "to_dict",
 ]
 
 
@@ -88,6 +90,8 @@ class RunConfig:
     """Checkpoint saving and initial weights."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """The outer loop."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Held-out evaluation (pass@k, cons@k, avg@k)."""
 
 
 def load_config(
