@@ -27,7 +27,7 @@ def trainer_worker(overrides: list[str], out: str) -> list[dict]:
         "rewards.num_workers=0", f"data.tokenizer_cache={out}/tok", "parallel.timeout_s=120",
         # A random model rarely answers right: keep every group so the update always runs.
         "algorithm.dynamic_sampling=false",
-        f"train.output_dir={out}/run", f"logging.log_dir={out}/tb",
+        f"train.output_dir={out}/run", f"logging.log_dir={out}/tb", f"checkpoint.dir={out}/ckpt",
     ], world_size=int(os.environ["WORLD_SIZE"]))
     trainer = Trainer(cfg)
     history = trainer.run(steps=2)
@@ -55,8 +55,19 @@ def test_two_rl_steps(world, overrides, tmp_path):
             assert 0.0 <= m["accuracy"] <= 1.0 and m["response_length/mean"] > 0
             assert m["actor/grad_norm"] == m["actor/grad_norm"]  # finite, not NaN
             assert m["weight_sync/bytes"] > 0
+            # Section 8 metrics: entropy, train/rollout log-prob gap (same weights, fp32: tiny),
+            # reflection words, per-function reward means, training throughput.
+            assert 0 < m["actor/entropy"] < 7 and m["actor/skipped"] == 0.0
+            assert 0 <= m["mismatch/logp_abs_diff_mean"] <= m["mismatch/logp_abs_diff_max"] < 1e-3
+            assert "reflection/wait" in m and "reward/reasoning_gym" in m
+            assert m["throughput/train_tokens_per_s"] > 0
     assert results[0][:2] == results[-1][:2]  # every rank reports the same step metrics
     assert results[0][2]["sync_gap"] < 1e-4
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2 and '"reward/mean"' in lines[0]
     assert (tmp_path / "run" / "learning_curve.png").stat().st_size > 0
+    # run() ends with a whole-run checkpoint, every rank's RNG included.
+    saved = tmp_path / "ckpt" / "step_2"
+    assert (tmp_path / "ckpt" / "latest").read_text().strip() == "step_2"
+    assert {"trainer_state.pt", "metadata.json"} <= {p.name for p in saved.iterdir()}
+    assert len(list(saved.glob("rng_rank*.pt"))) == world

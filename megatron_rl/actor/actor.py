@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -38,7 +39,9 @@ class StepResult:
     grad_norm: float
     lr: float
     updated: bool
-    """False when the step was skipped (non-finite gradients)."""
+    """False when the step was skipped (non-finite loss or gradients)."""
+    nonfinite: str | None = None
+    """What was not finite when the step was skipped: "loss" or "grad_norm"; None otherwise."""
 
 
 def _optimizer_config(actor: ActorConfig, params_dtype: torch.dtype) -> OptimizerConfig:
@@ -113,11 +116,40 @@ class Actor:
         stats = forward_backward(
             self.model, microbatches, loss_fn, self.shape(mb0.shape[1], mb0.shape[0], temperature)
         )
-        updated, grad_norm, _ = self.optimizer.step()
-        if updated:
+        grad_norm, nonfinite = self._optimizer_step(stats.get("loss", 0.0))
+        if nonfinite is None:
             self.scheduler.step(increment=1)
-        grad_norm = float("nan") if grad_norm is None else float(grad_norm)
-        return StepResult(stats, grad_norm, self.lr, bool(updated))
+        return StepResult(stats, grad_norm, self.lr, nonfinite is None, nonfinite)
+
+    @torch.no_grad()
+    def _optimizer_step(self, loss: float) -> tuple[float, str | None]:
+        """Megatron's `ChainedOptimizer.step` (grad norm, clip by it, step), except that a
+        non-finite loss or grad norm skips the update and zeroes the gradients: Megatron's fp32
+        optimizer does not check, and Adam would write NaN into every weight and moment.
+        Returns (grad norm, None) or (grad norm, "loss" | "grad_norm"); the same on every rank."""
+        found_inf = self.optimizer.prepare_grads()  # fp16 loss-scale overflow only
+        grad_norm = float("inf") if found_inf else float(self.optimizer.get_grad_norm())
+        nonfinite = ("loss" if not math.isfinite(loss) else
+                     "grad_norm" if not math.isfinite(grad_norm) else None)
+        # Every rank must take the same branch (the distributed optimizer gathers after it).
+        flag = torch.tensor([0.0 if nonfinite is None else 2.0 if nonfinite == "loss" else 1.0],
+                            device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() > 0:
+            for chunk in self.model:
+                chunk.zero_grad_buffer()
+            self.optimizer.zero_grad()
+            return grad_norm, "loss" if flag.item() == 2.0 else "grad_norm"
+        from megatron.core.optimizer import optimizer as mcore_optimizer  # compat patches it
+
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            params = [] if getattr(opt, "is_stub_optimizer", False) else opt.get_parameters()
+            if params and opt.config.clip_grad > 0.0:
+                mcore_optimizer.clip_grad_by_total_norm_fp32(
+                    params, max_norm=opt.config.clip_grad, total_norm=grad_norm,
+                    use_decoupled_grad=opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+        self.optimizer.step_with_ready_grads()
+        return grad_norm, None
 
     def logprobs(
         self, microbatches: Sequence[MicroBatch], temperature: float = 1.0
@@ -129,6 +161,11 @@ class Actor:
         return forward_logprobs(
             self.model, microbatches, self.shape(mb0.shape[1], mb0.shape[0], temperature)
         )
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights live (and where collectives of the actor's backend reduce)."""
+        return next(self.model[0].parameters()).device
 
     @property
     def lr(self) -> float:
