@@ -98,6 +98,14 @@ def _add_profile_args(parser: argparse.ArgumentParser) -> None:
     add_arguments(parser)
 
 
+def _add_train_args(parser: argparse.ArgumentParser) -> None:
+    """Config arguments plus `--resume`."""
+    _add_config_args(parser)
+    parser.add_argument("--resume", action="store_true", help="continue from the newest "
+                        "complete checkpoint in checkpoint.dir (same as --set "
+                        "checkpoint.resume=true)")
+
+
 def _add_eval_args(parser: argparse.ArgumentParser) -> None:
     """Config arguments, the model to evaluate (`--checkpoint DIR | --hf DIR`) and `--out`."""
     _add_config_args(parser)
@@ -125,9 +133,8 @@ class Subcommand(NamedTuple):
 
 
 SUBCOMMANDS: dict[str, Subcommand] = {
-    "train": Subcommand(
-        "Run RL training (GRPO/DAPO/GDPO) from a YAML config", None, 7, _add_config_args
-    ),
+    "train": Subcommand("Run RL training (GRPO/DAPO/GDPO) from a YAML config",
+                        "megatron_rl.trainer:cli_main", 7, _add_train_args),
     "eval": Subcommand("Evaluate a checkpoint: pass@k, cons@k, avg@k",
                        "megatron_rl.evaluate:cli_main", 7, _add_eval_args),
     "convert": Subcommand(

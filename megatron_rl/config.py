@@ -34,14 +34,15 @@ from megatron_rl.configurable import (
 from megatron_rl.data.config import DataConfig
 from megatron_rl.evaluate import EvalConfig
 from megatron_rl.metrics.config import LoggingConfig
+from megatron_rl.pretrain.config import PretrainConfig
 from megatron_rl.rewards.config import RewardFunctionConfig, RewardsConfig
 from megatron_rl.rollout.config import RolloutConfig
 
 __all__ = [
     "ActorConfig", "AlgorithmConfig", "CheckpointConfig", "ConfigError", "DataConfig",
-    "EvalConfig", "LoggingConfig", "ModelConfig", "ParallelConfig", "RewardFunctionConfig",
-    "RewardsConfig", "RolloutConfig", "RunConfig", "TrainConfig", "dump_yaml", "load_config",
-    "to_dict",
+    "EvalConfig", "LoggingConfig", "ModelConfig", "ParallelConfig", "PretrainConfig",
+    "RewardFunctionConfig", "RewardsConfig", "RolloutConfig", "RunConfig", "TrainConfig",
+    "dump_yaml", "load_config", "to_dict",
 ]
 
 
@@ -92,6 +93,8 @@ class RunConfig:
     """The outer loop."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Held-out evaluation (pass@k, cons@k, avg@k)."""
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    """The demo's base model, pre-trained when no checkpoint.load is given."""
 
 
 def load_config(

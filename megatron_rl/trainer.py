@@ -16,8 +16,10 @@ A step whose loss or grad norm is not finite is skipped (weights and optimizer u
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,8 @@ from megatron_rl.metrics import (
 )
 from megatron_rl.rollout.types import Sample
 
+RANK0_WORK_TIMEOUT_S = 3600.0
+"""How long other ranks wait for rank 0's generation or evaluation before giving up."""
 MAX_NONFINITE_STEPS = 3
 """Consecutive steps with a non-finite loss or grad norm after which the run stops."""
 
@@ -73,6 +77,8 @@ class Trainer:
         init_distributed(cfg.parallel, seed=cfg.train.seed)
         self.rank = dist.get_rank()
         self.actor = Actor(cfg.model, cfg.parallel, cfg.actor, total_steps=cfg.train.steps)
+        self._rank0_group = dist.new_group(  # host-side broadcasts that wait for rank 0's work
+            backend="gloo", timeout=datetime.timedelta(seconds=RANK0_WORK_TIMEOUT_S))
         self.step = 0
         self.nonfinite_streak = 0
         self.stopped_by_signal = False
@@ -80,6 +86,7 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self._saved_at: int | None = None  # the step last_checkpoint holds
         self.signals = run_state.StopSignals()
+        self.reference: Any = None  # the initial policy, for the KL penalty (kl_coef > 0)
         self._engine_stale = True  # the engine starts from random weights
         if self.rank == 0:
             train = build_dataset(cfg.data, "train")
@@ -132,6 +139,8 @@ class Trainer:
                                          rank=self.rank) as logger:
             while self.step < end:
                 history.append(self.train_step())
+                if self._eval_due():
+                    history[-1].update(self.evaluate())
                 logger.log(self.step, history[-1])
                 if self.signals.requested(self.actor.device):
                     self.stopped_by_signal = True
@@ -171,14 +180,37 @@ class Trainer:
 
     def sample(self) -> tuple[list[Sample], dict[str, float]]:
         """Rank 0 generates and rewards a step's groups; every rank receives them."""
-        box: list[Any] = [None]
-        if self.rank == 0:
+        def draw() -> tuple[list[Sample], dict[str, float]]:
             samples, report = self.sampler.sample()
-            box = [(samples, {"gen_batches": report.gen_batches,
-                              "groups_seen": report.groups_seen,
-                              "groups_kept": report.groups_kept,
-                              "generate_seconds": report.generate_seconds})]
-        dist.broadcast_object_list(box, src=0)
+            return samples, {"gen_batches": report.gen_batches,
+                             "groups_seen": report.groups_seen,
+                             "groups_kept": report.groups_kept,
+                             "generate_seconds": report.generate_seconds}
+
+        return self._from_rank0(draw)
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out pass@k, cons@k and avg@k of the current policy (`eval` section), generated
+        by rank 0's engine; rows written to `<output_dir>/eval/step_<N>.jsonl`. The same
+        metrics on every rank."""
+        from megatron_rl.evaluate import run_eval
+
+        if self._engine_stale:
+            self.sync_weights()
+
+        def run() -> dict[str, float]:
+            result = run_eval(self.cfg, self.engine)
+            result.write(Path(self.cfg.train.output_dir) / "eval" / f"step_{self.step}.jsonl")
+            return result.metrics
+
+        return self._from_rank0(run)
+
+    def _from_rank0(self, fn: Any) -> Any:
+        """`fn()` computed on rank 0 (rollout, rewards, eval: minutes, not a collective's
+        seconds), then broadcast. The other ranks wait in a barrier with a long timeout so a
+        slow generation is not mistaken for a dead rank."""
+        box: list[Any] = [fn() if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0, group=self._rank0_group)
         return box[0]
 
     def make_batch(self, samples: list[Sample]) -> tuple[list[MicroBatch], torch.Tensor]:
@@ -205,10 +237,15 @@ class Trainer:
         return mbs, den
 
     def old_logprobs(self, mbs: list[MicroBatch]) -> None:
-        """Log-probs of the current (= sampling) weights, the ratio's denominator."""
-        for mb, logp in zip(mbs, self.actor.logprobs(mbs, self.cfg.rollout.temperature),
-                            strict=True):
+        """Log-probs of the current (= sampling) weights, the ratio's denominator, and of the
+        reference policy when the KL penalty is on."""
+        temperature = self.cfg.rollout.temperature
+        for mb, logp in zip(mbs, self.actor.logprobs(mbs, temperature), strict=True):
             mb.extras["old_logprobs"] = logp
+        if self.reference is not None:
+            for mb, logp in zip(mbs, self.reference.logprobs(self.actor, mbs, temperature),
+                                strict=True):
+                mb.extras["ref_logprobs"] = logp
 
     def loss_fn(self, den: torch.Tensor) -> LossFn:
         """The policy loss over the step's global denominator. It always asks the actor for the
@@ -300,6 +337,10 @@ class Trainer:
 
     # ---- checkpoints ---------------------------------------------------------------------------
 
+    def _eval_due(self) -> bool:
+        interval = self.cfg.train.eval_interval
+        return interval > 0 and self.step % interval == 0
+
     def _save_due(self) -> bool:
         interval = self.cfg.checkpoint.save_interval
         return interval > 0 and self.step % interval == 0
@@ -322,10 +363,15 @@ class Trainer:
         path = run_state.latest_checkpoint(ck.dir) if ck.resume else None
         if ck.resume and path is None:
             self._say(f"checkpoint.resume: no complete checkpoint in {ck.dir}; starting fresh")
-        if path is None:
-            if ck.load:
-                kind = run_state.load_initial_weights(ck.load, self.actor)
+        if ck.load:  # also when resuming: the KL reference is the initial policy
+            kind = run_state.load_initial_weights(ck.load, self.actor)
+            if path is None:
                 self._say(f"initial weights: {kind} checkpoint {ck.load}")
+        if self.cfg.algorithm.kl_coef > 0:
+            from megatron_rl.actor.reference import ReferencePolicy
+
+            self.reference = ReferencePolicy.from_actor(self.actor)
+        if path is None:
             return
         state = run_state.load_run(path, self.actor)
         self.step, self.nonfinite_streak = state["step"], state["nonfinite_streak"]
@@ -350,3 +396,81 @@ class Trainer:
     def _say(self, line: str) -> None:
         if self.rank == 0:
             print(line, flush=True)
+
+
+# ---- `megatron-rl train` ---------------------------------------------------------------------
+
+def cli_main(args: Any) -> int:
+    """`megatron-rl train CONFIG [--set K=V] [--resume]`: the demo's base model when the config
+    asks for one, held-out eval of the starting policy, RL, held-out eval again, and a before /
+    after summary. Exit 0 also when a stop signal ended the run (it saved a checkpoint)."""
+    import sys
+
+    from megatron_rl.config import ConfigError, load_config
+
+    overrides = list(args.overrides) + (["checkpoint.resume=true"] if args.resume else [])
+    try:
+        cfg = load_config(args.config, overrides)
+        cfg = _with_base_model(cfg)
+        trainer = Trainer(cfg)
+    except (ConfigError, ValueError, OSError) as err:
+        print(f"megatron-rl train: {err}", file=sys.stderr)
+        return 1
+    try:
+        before = _eval_before(trainer) if cfg.eval.size != 0 else None
+        trainer.run()
+        if trainer.stopped_by_signal:
+            return 0
+        after = trainer.evaluate() if before is not None else None
+        if trainer.rank == 0 and before is not None and after is not None:
+            print(_summary(cfg, before, after), flush=True)
+    finally:
+        from megatron_rl.actor.parallel import destroy_distributed
+
+        destroy_distributed()
+    return 0
+
+
+def _with_base_model(cfg: RunConfig) -> RunConfig:
+    """`cfg` starting from the demo's pre-trained base (built and cached on first use) when
+    `pretrain.steps > 0` and no `checkpoint.load` is given."""
+    if cfg.pretrain.steps == 0 or cfg.checkpoint.load:
+        return cfg
+    from megatron_rl.pretrain import ensure_base_model
+
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    base = ensure_base_model(cfg, log=lambda line: print(line, flush=True) if rank0 else None)
+    return dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint,
+                                                                   load=str(base)))
+
+
+def _eval_before(trainer: Trainer) -> dict[str, float]:
+    """The starting policy's eval metrics, kept in `<output_dir>/eval/before.json` so that a
+    resumed run still reports them."""
+    file = Path(trainer.cfg.train.output_dir) / "eval" / "before.json"
+    if trainer.resumed_from is not None and file.is_file():
+        return json.loads(file.read_text())
+    if trainer.resumed_from is not None:
+        return {}
+    metrics = trainer.evaluate()
+    if trainer.rank == 0:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.write_text(json.dumps(metrics, indent=1) + "\n")
+        print(f"held-out accuracy before RL: {metrics['eval/accuracy']:.1%} "
+              f"(pass@1 over {trainer.cfg.eval.n_samples} samples per problem)", flush=True)
+    return metrics
+
+
+def _summary(cfg: RunConfig, before: dict[str, float], after: dict[str, float]) -> str:
+    """Before/after table of the eval metrics, accuracy first."""
+    keys = ["eval/accuracy"] + [k for k in after if k != "eval/accuracy"]
+    lines = [f"held-out evaluation ({cfg.data.task}): before RL -> after {cfg.train.steps} steps",
+             f"  {'metric':<22}{'before':>9}{'after':>9}{'change':>9}"]
+    for k in keys:
+        b, a = before.get(k, math.nan), after[k]
+        lines.append(f"  {k:<22}{b:>9.3f}{a:>9.3f}{a - b:>+9.3f}")
+    acc_b, acc_a = before.get("eval/accuracy", math.nan), after["eval/accuracy"]
+    lines.append(f"accuracy {acc_b:.1%} -> {acc_a:.1%} ({(acc_a - acc_b) * 100:+.1f} points); "
+                 f"curves: {cfg.train.output_dir}/learning_curve.png, tensorboard --logdir "
+                 f"{cfg.logging.log_dir}")
+    return "\n".join(lines)

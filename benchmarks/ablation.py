@@ -1,0 +1,147 @@
+"""DAPO's ablation (Yu et al. 2025, Table 1) rerun on the embedded default's task.
+
+Each row adds one of DAPO's fixes to the previous row, as the paper's table does:
+
+    naive GRPO -> + overlong filtering -> + clip-higher -> + soft overlong punishment
+               -> + token-level loss -> + dynamic sampling (= DAPO)
+
+Every row trains the same cached base model (the `pretrain` section) for `--steps` RL steps with
+several seeds, evaluating on the held-out set every `--eval-every` steps, and the table gives the
+final held-out accuracy (mean and spread over seeds) and the steps until held-out accuracy first
+reaches `--target`. All rows have no KL term, so only the four fixes differ (the paper's naive
+GRPO keeps the KL term; DAPO drops it).
+
+The task is chain sums with worked steps (2 to 5 terms): responses are 15 to 55 tokens long and
+`--max-new-tokens` (default 44) truncates the longest, so overlong shaping has something to act
+on; short chains saturate (all 8 samples right) and long ones often fail together, so dynamic
+sampling has groups to drop.
+
+    python benchmarks/ablation.py                 # 6 rows x 3 seeds x 40 steps
+    python benchmarks/ablation.py --seeds 1 2 --steps 20 --set actor.lr=3e-4
+
+Each run is a `megatron-rl train` subprocess; its outputs stay under `--out` (one directory per
+row and seed, with metrics.jsonl and learning_curve.png) and the table is also written there as
+`ablation.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+ROWS: list[tuple[str, dict[str, str]]] = [
+    ("naive GRPO", {"algorithm.preset": "grpo", "algorithm.kl_coef": "0",
+                    "algorithm.eps_high": "0.2", "algorithm.loss_agg": "seq_mean_token_mean",
+                    "algorithm.overlong_filter": "false", "algorithm.overlong_penalty": "false",
+                    "algorithm.dynamic_sampling": "false"}),
+    ("+ overlong filtering", {"algorithm.overlong_filter": "true"}),
+    ("+ clip-higher", {"algorithm.eps_high": "0.28"}),
+    ("+ soft overlong punishment", {"algorithm.overlong_penalty": "true"}),
+    ("+ token-level loss", {"algorithm.loss_agg": "token_mean"}),
+    ("+ dynamic sampling (DAPO)", {"algorithm.dynamic_sampling": "true"}),
+]
+"""Cumulative: each row is the previous row's overrides plus its own."""
+
+
+def cumulative_rows() -> list[tuple[str, dict[str, str]]]:
+    """(row name, all overrides of that row)."""
+    out, acc = [], {}
+    for name, extra in ROWS:
+        acc = {**acc, **extra}
+        out.append((name, dict(acc)))
+    return out
+
+
+def run_one(config: str, overrides: dict[str, str], out: Path) -> dict:
+    """One `megatron-rl train` run; returns its eval curve, train accuracy curve and lengths."""
+    sets = [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
+    sets += ["--set", f"train.output_dir={out}", "--set", f"logging.log_dir={out / 'tb'}",
+             "--set", f"checkpoint.dir={out / 'ck'}", "--set", "checkpoint.keep_last=1"]
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "megatron_rl", "train", config, *sets],
+                          cwd=ROOT, capture_output=True, text=True)
+    (out / "train.log").parent.mkdir(parents=True, exist_ok=True)
+    (out / "train.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise RuntimeError(f"run failed ({out / 'train.log'}): {proc.stderr.strip()[-800:]}")
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r["eval/accuracy"] for r in rows if "eval/accuracy" in r}
+    evals[0] = json.loads((out / "eval" / "before.json").read_text())["eval/accuracy"]
+    return {"eval": dict(sorted(evals.items())),
+            "train_accuracy": [r.get("accuracy", float("nan")) for r in rows],
+            "response_length": statistics.fmean(r.get("response_length/mean", 0.0)
+                                                for r in rows),
+            "clip_ratio": statistics.fmean(r.get("response_length/clip_ratio", 0.0)
+                                           for r in rows),
+            "seconds": time.perf_counter() - start}
+
+
+def steps_to(evals: dict[int, float], target: float) -> int | None:
+    """First evaluated step whose held-out accuracy reaches `target`, or None."""
+    return next((s for s, a in evals.items() if a >= target), None)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="configs/tiny_moe_cpu.yaml")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--eval-every", type=int, default=10)
+    p.add_argument("--eval-size", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=44)
+    p.add_argument("--target", type=float, default=0.6, help="held-out accuracy to reach")
+    p.add_argument("--out", default="outputs/ablation")
+    p.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE")
+    args = p.parse_args()
+
+    common = {"train.steps": str(args.steps), "train.eval_interval": str(args.eval_every),
+              "eval.size": str(args.eval_size), "eval.n_samples": "4", "eval.k": "[1, 4]",
+              "rollout.max_new_tokens": str(args.max_new_tokens)}
+    common.update(kv.split("=", 1) for kv in args.extra)
+    results: dict[str, list[dict]] = {}
+    runs = [(name, ov, seed) for name, ov in cumulative_rows() for seed in args.seeds]
+    for i, (name, ov, seed) in enumerate(runs, 1):
+        out = Path(args.out) / f"row{[n for n, _ in ROWS].index(name)}-seed{seed}"
+        res = run_one(args.config, {**common, **ov, "train.seed": str(seed)}, out)
+        results.setdefault(name, []).append(res)
+        final = res["eval"][max(res["eval"])]
+        print(f"[{i}/{len(runs)}] {name:<28} seed {seed}: held-out accuracy "
+              f"{res['eval'][0]:.3f} -> {final:.3f} ({res['seconds']:.0f} s)", flush=True)
+
+    print(f"\nDAPO ablation on {args.config} (chain_sum, {args.steps} steps, seeds "
+          f"{args.seeds}, max_new_tokens {args.max_new_tokens}, target {args.target:.0%})")
+    head = (f"| {'row':<28} | final acc (mean ± sd) | steps to {args.target:.0%} | "
+            "mean len | clipped |")
+    print(head)
+    print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
+    table = []
+    for name, res in results.items():
+        finals = [r["eval"][max(r["eval"])] for r in res]
+        reach = [steps_to(r["eval"], args.target) for r in res]
+        reached = [s for s in reach if s is not None]
+        reach_txt = (f"{statistics.median(reached):.0f} ({len(reached)}/{len(res)} seeds)"
+                     if reached else f"not reached (0/{len(res)})")
+        sd = statistics.stdev(finals) if len(finals) > 1 else 0.0
+        length = statistics.fmean(r["response_length"] for r in res)
+        clipped = statistics.fmean(r["clip_ratio"] for r in res)
+        print(f"| {name:<28} | {statistics.fmean(finals):.3f} ± {sd:.3f}        | "
+              f"{reach_txt:<{len(f'steps to {args.target:.0%}')}} | {length:8.1f} | "
+              f"{clipped:7.3f} |")
+        table.append({"row": name, "final": finals, "steps_to_target": reach,
+                      "response_length": length, "clip_ratio": clipped,
+                      "eval_curves": [r["eval"] for r in res]})
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "ablation.json").write_text(json.dumps(
+        {"args": vars(args), "rows": table}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

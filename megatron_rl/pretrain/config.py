@@ -1,0 +1,39 @@
+"""Config section owned by pretrain: the embedded default's base model."""
+
+from dataclasses import dataclass
+
+from megatron_rl.configurable import require, require_non_negative, require_positive
+
+
+@dataclass(frozen=True, kw_only=True)
+class PretrainConfig:
+    """A short pre-training that makes the tiny demo's base model (cached on disk).
+
+    Used only when `steps > 0` and `checkpoint.load` is unset: the run then starts RL from this
+    base instead of random weights. Real models come from `checkpoint.load` instead.
+    """
+
+    steps: int = 0
+    """Optimizer steps of pre-training; 0 = none (RL starts from checkpoint.load or random)."""
+    batch_size: int = 32
+    """Worked solutions per step."""
+    lr: float = 3.0e-3
+    """Peak AdamW learning rate (linear warmup, cosine decay to 0)."""
+    warmup_steps: int = 50
+    """Linear warmup steps."""
+    step_accuracy: float = 0.8
+    """Probability that one step of a corpus solution is right: the base model's answers are
+    right only some of the time, which is what RL amplifies."""
+    seed: int = 0
+    """Seed of the initial weights, the corpus slips and the batch order."""
+    cache_dir: str = "outputs/base_model"
+    """Where base models are cached, one subdirectory per hash of everything they depend on."""
+
+    def validate(self) -> None:
+        """Counts in range, a probability in (0, 1]."""
+        require_non_negative(self, "steps", "warmup_steps")
+        require_positive(self, "batch_size")
+        require(self.lr > 0, "lr", f"must be > 0, got {self.lr}", "e.g. 3e-3")
+        require(0 < self.step_accuracy <= 1, "step_accuracy",
+                f"must be in (0, 1], got {self.step_accuracy}", "e.g. 0.8")
+        require(bool(self.cache_dir.strip()), "cache_dir", "is empty", "give a directory path")
