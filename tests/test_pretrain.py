@@ -7,7 +7,13 @@ import pytest
 from megatron_rl.config import load_config
 from megatron_rl.data import build_dataset
 from megatron_rl.data.records import DataError, PromptRecord
-from megatron_rl.data.worked import expression_terms, worked_solution
+from megatron_rl.data.worked import (
+    GUESS_SPREAD,
+    expression_terms,
+    guessed_solution,
+    solution,
+    worked_solution,
+)
 from megatron_rl.rewards.gym import reasoning_gym_reward
 
 CHAIN = ["data.task=chain_sum", "data.train_size=200", "data.eval_size=10",
@@ -35,6 +41,28 @@ def test_worked_solutions_slip_at_the_given_rate(tmp_path):
              for r in recs]
     # each step slips half the time, and chains have 1-4 steps: well below 1, above 0
     assert 0.15 < sum(right) / len(right) < 0.7
+
+
+def test_guesses_skip_the_reasoning_and_land_near_the_answer(tmp_path):
+    rng = random.Random(0)
+    recs = _records(tmp_path, 200)
+    for rec in recs[:20]:
+        text = guessed_solution(rec, rng)
+        assert text.startswith(" <think> </think> <answer> ")
+        guess = int(text.split("<answer>")[1].split("</answer>")[0])
+        assert abs(guess - int(rec.label)) <= GUESS_SPREAD
+    right = [reasoning_gym_reward(r.prompt, guessed_solution(r, rng), r.label, r.metadata)
+             for r in recs]
+    assert 0.03 < sum(right) / len(right) < 0.25  # about 1 in 2 * GUESS_SPREAD + 1
+
+
+def test_work_fraction_mixes_worked_and_guessed(tmp_path):
+    rng = random.Random(0)
+    recs = _records(tmp_path, 200)
+    worked = [" = " in solution(r, rng, 0.3, 1.0) for r in recs]
+    assert 0.2 < sum(worked) / len(worked) < 0.4
+    assert all(" = " in solution(r, rng, 1.0, 1.0) for r in recs[:20])
+    assert not any(" = " in solution(r, rng, 0.0, 1.0) for r in recs[:20])
 
 
 def test_non_chain_records_are_refused():

@@ -151,6 +151,15 @@ def test_reasoning_gym_scorer():
         reasoning_gym_reward("", good, None, {})
 
 
+def test_reasoning_gym_near_misses_get_no_partial_credit_by_default():
+    entry = {"question": "q", "answer": "-9", "metadata": {}}
+    meta = {"task": "chain_sum", "entry": entry}
+    assert reasoning_gym_reward("", "<answer>-90</answer>", None, meta) == 0.0
+    graded = reasoning_gym_reward("", "<answer>-90</answer>", None, meta, partial_credit=True)
+    assert 0.0 < graded < 1.0  # the task's own string-similarity credit
+    assert reasoning_gym_reward("", "<answer>-9</answer>", None, meta) == 1.0
+
+
 # --- registry ---------------------------------------------------------------------------------
 
 def test_registry_names_and_errors():

@@ -1,14 +1,16 @@
-"""Worked solutions for the embedded default's pre-training corpus, right only some of the time.
+"""Solutions for the embedded default's pre-training corpus, right only some of the time.
 
 RL amplifies what a base model already samples. The demo's base model is pre-trained on
-R1-Zero-formatted solutions of chain sums ("4 - 1 + 7 =") whose steps each slip with some
-probability, so the base samples correct answers part of the time (more often for short chains)
-and RL has something to amplify. Response format, one step per operator:
+R1-Zero-formatted answers to chain sums ("4 - 1 + 7 ="), of two kinds:
 
-    <think> 4 - 1 = 3, 3 + 7 = 10 </think> <answer> 10 </answer>
+    worked:  <think> 4 - 1 = 3, 3 + 7 = 10 </think> <answer> 10 </answer>
+    guessed: <think> </think> <answer> 8 </answer>
 
-A slipped step is off by 1 to 3 and the error carries into the following steps and the answer,
-as a person's would.
+A worked solution computes running totals left to right; each step slips (off by 1 to 3, the
+error carrying into the next steps and the answer) with probability 1 - `step_accuracy`. A guess
+skips the reasoning and is off by up to `GUESS_SPREAD` (right one time in 2 * GUESS_SPREAD + 1).
+The base model so samples correct answers part of the time; RL can amplify them by learning to
+work the steps, and its responses grow longer as it does, as R1-Zero's did.
 """
 
 import random
@@ -19,6 +21,8 @@ from megatron_rl.data.records import DataError, PromptRecord
 _TERM = re.compile(r"^-?\d+$")
 SLIPS = (-3, -2, -1, 1, 2, 3)
 """How far a slipped step lands from the true result."""
+GUESS_SPREAD = 4
+"""A guessed answer is the true one plus a uniform offset in [-GUESS_SPREAD, GUESS_SPREAD]."""
 
 
 def expression_terms(record: PromptRecord) -> tuple[int, list[tuple[str, int]]]:
@@ -36,6 +40,23 @@ def expression_terms(record: PromptRecord) -> tuple[int, list[tuple[str, int]]]:
         raise DataError(f"record {record.index}: expression {expr!r} is not a chain of integers "
                         "joined by + and - (use data.task=chain_sum)")
     return int(terms[0]), [(o, int(t)) for o, t in zip(ops, terms[1:], strict=True)]
+
+
+def solution(record: PromptRecord, rng: random.Random, work_fraction: float,
+             step_accuracy: float) -> str:
+    """A corpus response: worked with probability `work_fraction`, else a guess."""
+    if rng.random() < work_fraction:
+        return worked_solution(record, rng, step_accuracy)
+    return guessed_solution(record, rng)
+
+
+def guessed_solution(record: PromptRecord, rng: random.Random) -> str:
+    """An answer without reasoning, near the true one."""
+    total, steps = expression_terms(record)
+    for op, term in steps:
+        total = total + term if op == "+" else total - term
+    guess = total + rng.randint(-GUESS_SPREAD, GUESS_SPREAD)
+    return f" <think> </think> <answer> {guess} </answer>"
 
 
 def worked_solution(record: PromptRecord, rng: random.Random, step_accuracy: float) -> str:

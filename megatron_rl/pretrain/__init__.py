@@ -33,7 +33,7 @@ from megatron_rl.pretrain.config import PretrainConfig
 
 __all__ = ["PretrainConfig", "base_model_dir", "ensure_base_model", "pretrain"]
 
-_FORMAT_VERSION = 1  # bump when the corpus or the training loop changes: invalidates caches
+_FORMAT_VERSION = 2  # bump when the corpus or the training loop changes: invalidates caches
 _WAIT_S = 3600.0  # how long other ranks wait for rank 0's pre-training
 
 
@@ -62,8 +62,10 @@ def ensure_base_model(cfg: Any, log: Any = print) -> Path:
         return out
     if int(os.environ.get("RANK", "0")) != 0:
         return _wait_for(out)
-    log(f"base model: pre-training {cfg.pretrain.steps} steps on worked {cfg.data.task} "
-        f"solutions (step accuracy {cfg.pretrain.step_accuracy}); cached at {out}")
+    pre = cfg.pretrain
+    log(f"base model: pre-training {pre.steps} steps on {cfg.data.task} answers "
+        f"({pre.work_fraction:.0%} worked, step accuracy {pre.step_accuracy}, the rest "
+        f"guessed); cached at {out}")
     model, history = pretrain(cfg.model, cfg.pretrain, train.records, tokenizer,
                               cfg.data.chat_template, log=log)
     _save(model, tokenizer, history, cfg, out)
@@ -78,7 +80,7 @@ def pretrain(model_cfg: Any, pre: PretrainConfig, records: Sequence[Any], tokeni
 
     from megatron_rl.convert import arch_of
     from megatron_rl.data import apply_template
-    from megatron_rl.data.worked import worked_solution
+    from megatron_rl.data.worked import solution
 
     torch.manual_seed(pre.seed)
     rng = random.Random(pre.seed)
@@ -91,8 +93,8 @@ def pretrain(model_cfg: Any, pre: PretrainConfig, records: Sequence[Any], tokeni
         rec = records[i]
         if i not in prompts:
             prompts[i] = tokenizer.encode(apply_template(template, rec.prompt, tokenizer))
-        return prompts[i], tokenizer.encode(worked_solution(rec, rng, pre.step_accuracy)) + [
-            tokenizer.eos_token_id]
+        text = solution(rec, rng, pre.work_fraction, pre.step_accuracy)
+        return prompts[i], tokenizer.encode(text) + [tokenizer.eos_token_id]
 
     history: list[float] = []
     start = time.perf_counter()

@@ -21,9 +21,12 @@ class PretrainConfig:
     """Peak AdamW learning rate (linear warmup, cosine decay to 0)."""
     warmup_steps: int = 50
     """Linear warmup steps."""
-    step_accuracy: float = 0.8
-    """Probability that one step of a corpus solution is right: the base model's answers are
-    right only some of the time, which is what RL amplifies."""
+    work_fraction: float = 0.3
+    """Share of corpus answers that are worked step by step; the rest are guesses (see
+    `megatron_rl.data.worked`). The base model then answers right only some of the time, which
+    is what RL amplifies."""
+    step_accuracy: float = 0.95
+    """Probability that one step of a worked corpus solution is right."""
     seed: int = 0
     """Seed of the initial weights, the corpus slips and the batch order."""
     cache_dir: str = "outputs/base_model"
@@ -35,5 +38,7 @@ class PretrainConfig:
         require_positive(self, "batch_size")
         require(self.lr > 0, "lr", f"must be > 0, got {self.lr}", "e.g. 3e-3")
         require(0 < self.step_accuracy <= 1, "step_accuracy",
-                f"must be in (0, 1], got {self.step_accuracy}", "e.g. 0.8")
+                f"must be in (0, 1], got {self.step_accuracy}", "e.g. 0.95")
+        require(0 <= self.work_fraction <= 1, "work_fraction",
+                f"must be in [0, 1], got {self.work_fraction}", "e.g. 0.3")
         require(bool(self.cache_dir.strip()), "cache_dir", "is empty", "give a directory path")

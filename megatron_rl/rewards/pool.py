@@ -93,6 +93,11 @@ def _worker_main(conn: Connection, config: RewardsConfig, scratch: str) -> None:
         conn.send((task_id, *_call(fns[fn_index], sample)))
 
 
+WORKER_START_GRACE_S = 60.0
+"""Extra time for a worker's first call (spawn, imports such as reasoning-gym's generators), so
+a slow start on a loaded machine is not scored as a timed-out sample."""
+
+
 @dataclasses.dataclass
 class _Worker:
     process: mp.Process
@@ -100,6 +105,8 @@ class _Worker:
     scratch: str
     task: tuple[int, int] | None = None
     deadline: float = 0.0
+    fresh: bool = True
+    """No call finished yet: the first call also pays for the process start and lazy imports."""
 
 
 class RewardComputer:
@@ -163,7 +170,8 @@ class RewardComputer:
             for w in self._workers:
                 if w.task is None and todo:
                     w.task = todo.popleft()
-                    w.deadline = time.monotonic() + self.config.timeout_s
+                    grace = WORKER_START_GRACE_S if w.fresh else 0.0
+                    w.deadline = time.monotonic() + self.config.timeout_s + grace
                     w.conn.send((0, w.task[1], samples[w.task[0]]))
             busy = [w for w in self._workers if w.task]
             timeout = max(0.0, min(w.deadline for w in busy) - time.monotonic())
@@ -174,7 +182,7 @@ class RewardComputer:
                     try:
                         _, ok, value = w.conn.recv()
                         results[w.task] = (ok, value)
-                        w.task = None
+                        w.task, w.fresh = None, False
                         continue
                     except (EOFError, OSError):
                         results[w.task] = (False, "reward worker died")
