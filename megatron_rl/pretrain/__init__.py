@@ -63,9 +63,9 @@ def ensure_base_model(cfg: Any, log: Any = print) -> Path:
     if int(os.environ.get("RANK", "0")) != 0:
         return _wait_for(out)
     pre = cfg.pretrain
-    log(f"base model: pre-training {pre.steps} steps on {cfg.data.task} answers "
-        f"({pre.work_fraction:.0%} worked, step accuracy {pre.step_accuracy}, the rest "
-        f"guessed); cached at {out}")
+    log(f"base model: pre-training {pre.steps} steps on worked {cfg.data.task} answers (step "
+        f"accuracy {pre.step_accuracy}), the last {min(pre.mixed_steps, pre.steps)} with "
+        f"{1 - pre.work_fraction:.0%} guesses mixed in; cached at {out}")
     model, history = pretrain(cfg.model, cfg.pretrain, train.records, tokenizer,
                               cfg.data.chat_template, log=log)
     _save(model, tokenizer, history, cfg, out)
@@ -75,7 +75,8 @@ def ensure_base_model(cfg: Any, log: Any = print) -> Path:
 def pretrain(model_cfg: Any, pre: PretrainConfig, records: Sequence[Any], tokenizer: Any,
              template: str, log: Any = print) -> tuple[torch.nn.Module, list[float]]:
     """A fresh HF model of `model_cfg` trained `pre.steps` steps on worked solutions of
-    `records`; returns it and the loss per step."""
+    `records` (guesses mixed in for the last `pre.mixed_steps`); returns it and the loss per
+    step."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from megatron_rl.convert import arch_of
@@ -89,17 +90,18 @@ def pretrain(model_cfg: Any, pre: PretrainConfig, records: Sequence[Any], tokeni
     opt = torch.optim.AdamW(model.parameters(), lr=pre.lr, betas=(0.9, 0.98), weight_decay=0.0)
     prompts: dict[int, list[int]] = {}
 
-    def example(i: int) -> tuple[list[int], list[int]]:
+    def example(i: int, work: float) -> tuple[list[int], list[int]]:
         rec = records[i]
         if i not in prompts:
             prompts[i] = tokenizer.encode(apply_template(template, rec.prompt, tokenizer))
-        text = solution(rec, rng, pre.work_fraction, pre.step_accuracy)
+        text = solution(rec, rng, work, pre.step_accuracy)
         return prompts[i], tokenizer.encode(text) + [tokenizer.eos_token_id]
 
     history: list[float] = []
     start = time.perf_counter()
     for step in range(pre.steps):
-        ids, labels, mask = _batch([example(rng.randrange(len(records)))
+        work = pre.work_fraction if step >= pre.steps - pre.mixed_steps else 1.0
+        ids, labels, mask = _batch([example(rng.randrange(len(records)), work)
                                     for _ in range(pre.batch_size)], tokenizer.pad_token_id)
         for group in opt.param_groups:
             group["lr"] = _lr(step, pre)

@@ -22,9 +22,13 @@ class PretrainConfig:
     warmup_steps: int = 50
     """Linear warmup steps."""
     work_fraction: float = 0.3
-    """Share of corpus answers that are worked step by step; the rest are guesses (see
+    """Share of worked answers in the last `mixed_steps` steps; the rest are guesses (see
     `megatron_rl.data.worked`). The base model then answers right only some of the time, which
     is what RL amplifies."""
+    mixed_steps: int = 200
+    """Final steps on the mixed corpus. The steps before see worked answers only, so the model
+    learns the arithmetic first (a small model needs every worked example to learn it) and then
+    how often to skip it."""
     step_accuracy: float = 0.95
     """Probability that one step of a worked corpus solution is right."""
     seed: int = 0
@@ -34,7 +38,7 @@ class PretrainConfig:
 
     def validate(self) -> None:
         """Counts in range, a probability in (0, 1]."""
-        require_non_negative(self, "steps", "warmup_steps")
+        require_non_negative(self, "steps", "warmup_steps", "mixed_steps")
         require_positive(self, "batch_size")
         require(self.lr > 0, "lr", f"must be > 0, got {self.lr}", "e.g. 3e-3")
         require(0 < self.step_accuracy <= 1, "step_accuracy",
