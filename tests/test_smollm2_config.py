@@ -223,5 +223,5 @@ def test_prepared_checkpoint_matches_the_config_and_trains_one_step(_, tmp_path:
     metrics, = run_ranks(one_step_worker, 1, str(path), str(tmp_path), timeout_s=1500)
     assert metrics["actor/skipped"] == 0.0 and math.isfinite(metrics["actor/grad_norm"])
     assert metrics["weight_sync/bytes"] > 0 and metrics["response_length/mean"] > 0
-    # The engine samples with the actor's (bf16) weights: their log-probs agree roughly.
+    # The engine samples with the actor's weights: their log-probs agree.
     assert metrics["mismatch/logp_abs_diff_mean"] < 0.1
