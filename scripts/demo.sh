@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup_env.sh
-exec .venv/bin/megatron-rl train configs/tiny_moe_cpu.yaml "$@"
+exec .venv/bin/megatron-rl train configs/demo_cpu.yaml "$@"

@@ -44,8 +44,8 @@ def test_tiny_config_loads_at_world_size_1() -> None:
     assert cfg.model.num_experts == 8 and cfg.model.moe_router_topk == 2
     assert cfg.model.num_query_groups == 2 and cfg.model.hf_architecture == "qwen3_moe"
     assert cfg.parallel.dp == 1  # derived from the world size and filled in
-    assert cfg.actor.lr == pytest.approx(5e-4) and cfg.actor.micro_batch_size == 4
-    assert cfg.rollout.max_new_tokens == 96 and cfg.train.steps == 60
+    assert cfg.actor.lr == pytest.approx(1e-3) and cfg.actor.micro_batch_size == 4
+    assert cfg.rollout.max_new_tokens == 48 and cfg.train.steps == 60
     assert cfg.rewards.functions[0].name == "reasoning_gym"
 
 
@@ -84,8 +84,7 @@ def test_overrides_change_values() -> None:
     assert cfg.rollout.engine_urls == ["http://a:1", "http://b:2"]
     assert cfg.algorithm.dual_clip_c is None  # later overrides win
     assert cfg.rewards.functions[0].weight == 2.0
-    assert cfg.data.task_kwargs == {"min_terms": 2, "max_terms": 4, "min_digits": 1,
-                                    "max_digits": 1, "max_value": 9}  # merged into the YAML's
+    assert cfg.data.task_kwargs == {"max_value": 9}
     assert cfg.model.moe_layer_freq == [0, 1]
 
 
@@ -269,9 +268,9 @@ def test_explicit_yaml_value_wins_over_preset(tmp_path: Path) -> None:
 
 def test_dapo_overlong_lengths_resolved_from_rollout() -> None:
     alg = load_config(TINY, world_size=1).algorithm
-    assert alg.overlong_penalty and (alg.overlong_max_len, alg.overlong_cache_len) == (96, 24)
+    assert alg.overlong_penalty and (alg.overlong_max_len, alg.overlong_cache_len) == (48, 12)
     alg = load_config(TINY, ["algorithm.overlong_cache_len=8"], world_size=1).algorithm
-    assert (alg.overlong_max_len, alg.overlong_cache_len) == (96, 8)
+    assert (alg.overlong_max_len, alg.overlong_cache_len) == (48, 8)
 
 
 def test_preset_machinery_is_generic() -> None:

@@ -23,7 +23,8 @@ def _train(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
     args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE",
                                                              "MASTER_PORT")}
-    return subprocess.run([sys.executable, "-m", "megatron_rl", "train", *args, *extra],
+    return subprocess.run([sys.executable, "-m", "megatron_rl", "train", "configs/demo_cpu.yaml",
+                           *args, *extra],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
