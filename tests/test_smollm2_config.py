@@ -56,7 +56,11 @@ def test_config_loads_and_validates() -> None:
     assert cfg.data.tokenizer == cfg.checkpoint.load == str(prep.DEFAULT_DIR)
     assert (cfg.data.task, cfg.data.chat_template, cfg.pretrain.steps) == ("countdown",
                                                                             "tokenizer", 0)
-    assert cfg.rewards.functions[0].name == "reasoning_gym"
+    assert cfg.rewards.functions[0].name == "reasoning_gym"  # the accuracy column
+    from megatron_rl.rewards.registry import bind
+
+    for spec in cfg.rewards.functions:  # names and kwargs fit the functions
+        bind(spec, cfg.rewards)
     assert cfg.algorithm.preset in ("grpo", "dapo") and cfg.actor.lr <= 1e-5
     assert cfg.rollout.prompts_per_step * cfg.rollout.n_samples_per_prompt <= 16
     assert cfg.eval.size is not None and cfg.eval.size <= cfg.data.eval_size
