@@ -171,9 +171,9 @@ def main(argv: list[str] | None = None) -> None:
         for model in models:
             t0 = time.perf_counter()
             if model == "smollm2":
-                from tests.test_convert_smollm2 import smollm2_checkpoint
+                from megatron_rl.convert.smollm2 import prepare_smollm2
 
-                path = smollm2_checkpoint()
+                path = prepare_smollm2()
             else:
                 path = make_qwen3_moe(Path(tmp) / model)
             size = checkpoint_bytes(path)

@@ -67,14 +67,15 @@ class EvalConfig:
     max_new_tokens: int | None = None
     """Longest response in tokens; None = rollout.max_new_tokens."""
     size: int | None = None
-    """Problems to evaluate; None = data.eval_size."""
+    """Problems to evaluate; None = data.eval_size; 0 = `train` skips its before/after eval."""
     batch_prompts: int = 32
     """Prompts per engine call (each expands to n_samples rows)."""
 
     def validate(self) -> None:
         """Positive sizes; k non-empty, distinct and within n_samples."""
-        require_positive(self, "n_samples", "temperature", "max_new_tokens", "size",
-                         "batch_prompts")
+        require_positive(self, "n_samples", "temperature", "max_new_tokens", "batch_prompts")
+        require(self.size is None or self.size >= 0, "size", f"is {self.size}",
+                "give a count of problems, 0 to skip, or leave it unset for data.eval_size")
         require(bool(self.k), "k", "is empty", "give at least one, e.g. [1]")
         require(len(set(self.k)) == len(self.k), "k", f"has duplicates: {self.k}",
                 "list each k once")
@@ -332,7 +333,7 @@ def _hf_engine(path: str, config: str, overrides: Sequence[str]) -> tuple[RunCon
         raise ValueError(f"{path}: cannot load a Hugging Face causal LM ({first})") from e
     own = any((hf_dir / f).is_file() for f in TOKENIZER_FILES)
     tokenizer = load_tokenizer(hf_dir) if own else _tokenizer(cfg, model.config.vocab_size)
-    return cfg, TransformersEngine(model, tokenizer)
+    return cfg, TransformersEngine(model, tokenizer, timeout_s=cfg.rollout.call_timeout_s)
 
 
 def _checkpoint_engine(path: str, config: str,
@@ -361,7 +362,8 @@ def _checkpoint_engine(path: str, config: str,
         from megatron_rl.rollout.transformers_engine import TransformersEngine
 
         tokenizer = _tokenizer(cfg, cfg.model.vocab_size)
-        engine = TransformersEngine.from_model_config(cfg.model, arch, tokenizer=tokenizer)
+        engine = TransformersEngine.from_model_config(cfg.model, arch, tokenizer=tokenizer,
+                                                      timeout_s=cfg.rollout.call_timeout_s)
     _load_into(engine, path, cfg, arch)
     return cfg, engine
 

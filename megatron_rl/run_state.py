@@ -188,9 +188,9 @@ def load_initial_weights(path: str | os.PathLike, actor: Any) -> str:
 
     p = Path(path)
     if (p / "config.json").is_file():
-        from megatron_rl.convert import arch_for, read_hf_config
+        from megatron_rl.convert import check_hf_matches
 
-        actor.load_hf(p, arch_for(read_hf_config(p)), progress=False)
+        actor.load_hf(p, check_hf_matches(actor.model_cfg, p), progress=False)
         return "hf"
     try:
         checkpoint.resolve(p)

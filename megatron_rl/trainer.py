@@ -103,7 +103,8 @@ class Trainer:
         from megatron_rl.rollout.sampler import GroupSampler, reward_inputs
         from megatron_rl.rollout.transformers_engine import TransformersEngine
 
-        engine = TransformersEngine.from_model_config(self.cfg.model, tokenizer=self.tokenizer)
+        engine = TransformersEngine.from_model_config(self.cfg.model, tokenizer=self.tokenizer,
+                                                      timeout_s=self.cfg.rollout.call_timeout_s)
         rewards = RewardComputer(self.cfg.rewards)
 
         def reward_fn(samples: list[Sample]) -> _Rewards:

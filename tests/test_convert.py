@@ -237,3 +237,22 @@ def test_hf_architecture_must_express_the_model():
         arch_of(shared)
     with pytest.raises(ValueError, match="hf_architecture.*not one of"):
         arch_of(dataclasses.replace(model, hf_architecture="gpt2"))
+
+
+def test_loading_an_hf_checkpoint_checks_its_config_against_the_model_section(tmp_path):
+    """Equal shapes are not enough: a differing rope_theta or epsilon is named before loading."""
+    import dataclasses
+
+    from megatron_rl.config import load_config
+    from megatron_rl.convert import arch_of, check_hf_matches
+
+    model = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "tiny_moe_cpu.yaml"),
+                        world_size=1).model
+    (tmp_path / "config.json").write_text(json.dumps(arch_of(model).hf_config(model)))
+    assert check_hf_matches(model, tmp_path).name == "qwen3_moe"
+    # training-only fields (the aux-loss weight) may differ
+    assert check_hf_matches(dataclasses.replace(model, moe_aux_loss_coeff=0.5), tmp_path)
+    other = dataclasses.replace(model, rotary_base=500000, norm_epsilon=1e-5)
+    with pytest.raises(ValueError, match=r"checkpoint\.load=.*does not match.*model\.norm_epsilon="
+                                         r"1e-05 but 1e-06 there, model\.rotary_base=500000"):
+        check_hf_matches(other, tmp_path)

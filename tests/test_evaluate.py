@@ -105,6 +105,9 @@ def test_eval_config_is_validated_when_loaded():
         load_config(TINY, ["eval.n_samples=2"], world_size=1)
     with pytest.raises(ConfigError, match=r"^config error: eval\.batch_prompts: must be > 0"):
         load_config(TINY, ["eval.batch_prompts=0"], world_size=1)
+    assert load_config(TINY, ["eval.size=0"], world_size=1).eval.size == 0  # train skips eval
+    with pytest.raises(ConfigError, match=r"^config error: eval\.size: is -1"):
+        load_config(TINY, ["eval.size=-1"], world_size=1)
 
 
 # ---- `megatron-rl eval` end to end ----------------------------------------------------------

@@ -73,4 +73,22 @@ def arch_of(model_cfg: ModelConfig) -> Arch:
     return arch
 
 
-__all__ = ["ARCHS", "Arch", "arch_for", "arch_of", "hf_model_config", "read_hf_config"]
+def check_hf_matches(model_cfg: ModelConfig, path: str | Path) -> Arch:
+    """The architecture of the HF checkpoint at `path`, after checking that every field its
+    config.json states equals the run's `model` section (shapes alone can agree while, e.g.,
+    rope_theta or the norm epsilon differ and the loaded model silently computes another
+    function)."""
+    arch, theirs = hf_model_config(path)
+    stated = arch.model_config(read_hf_config(path))
+    differ = sorted(k for k in stated if k not in _TRAINING_ONLY
+                    and _effective(model_cfg, k) != _effective(theirs, k))
+    if differ:
+        diffs = ", ".join(f"model.{k}={_effective(model_cfg, k)!r} but {_effective(theirs, k)!r}"
+                          " there" for k in differ)
+        raise ValueError(f"checkpoint.load={str(path)!r}: its config.json does not match the "
+                         f"run's model section: {diffs}; make the model section agree with it")
+    return arch
+
+
+__all__ = ["ARCHS", "Arch", "arch_for", "arch_of", "check_hf_matches", "hf_model_config",
+           "read_hf_config"]

@@ -31,11 +31,17 @@ class RolloutConfig:
     weight_sync_bucket_mb: int = 64
     """Size of one weight-sync bucket, in MiB."""
     request_timeout_s: float = 60.0
-    """Timeout of one request to an engine server, in seconds."""
+    """Timeout of one request to an engine server, in seconds; a whole engine call (retries
+    included, or one generate of the embedded engine) may take `call_timeout_s`."""
     max_retries: int = 3
     """Retries of a failed engine request before the step fails."""
     routing_replay: bool = False
     """Replay the engine's routed experts in the actor's forward (MoE only)."""
+
+    @property
+    def call_timeout_s(self) -> float:
+        """Bound on one engine call: every retry timing out, with as much again in backoff."""
+        return self.request_timeout_s * (self.max_retries + 1) * 2
 
     def validate(self) -> None:
         """Sampling parameters in range; URLs only for SGLang."""

@@ -96,7 +96,7 @@ class GroupSampler:
         (dynamic_sampling, max_gen_batches); `kwargs` (e.g. `encode`) pass through."""
         sampling = SamplingParams(temperature=rollout.temperature, top_p=rollout.top_p,
                                   top_k=rollout.top_k, max_new_tokens=rollout.max_new_tokens)
-        kwargs.setdefault("timeout_s", rollout.request_timeout_s * (rollout.max_retries + 1) * 2)
+        kwargs.setdefault("timeout_s", rollout.call_timeout_s)
         return cls(engines, sampling, rollout.n_samples_per_prompt, rollout.prompts_per_step,
                    prompts, reward_fn, over_sampling=rollout.over_sampling,
                    dynamic_sampling=algorithm.dynamic_sampling,

@@ -246,7 +246,10 @@ class TransformersEngine:
 
     def _output(self, st: _Rows, r: int, capture: bool) -> GenerateOutput:
         experts = torch.cat(st.experts[r]) if capture and st.experts[r] else None
-        text = self.tokenizer.decode(st.out[r]) if self.tokenizer is not None else ""
+        # like SGLang's /generate (skip_special_tokens defaults to true): "... <|im_end|>" must
+        # score like "...", or a chat model's every answer is read with the end token attached
+        text = (self.tokenizer.decode(st.out[r], skip_special_tokens=True)
+                if self.tokenizer is not None else "")
         return GenerateOutput(output_ids=st.out[r], output_logprobs=st.logprobs[r],
                               finish_reason=st.finish[r] or "length", text=text,
                               routed_experts=experts, prompt_ids=st.prompts[r])
