@@ -33,6 +33,7 @@ from megatron_rl.configurable import (
 )
 from megatron_rl.data.config import DataConfig
 from megatron_rl.evaluate import EvalConfig
+from megatron_rl.launch.config import SlurmConfig
 from megatron_rl.metrics.config import LoggingConfig
 from megatron_rl.pretrain.config import PretrainConfig
 from megatron_rl.rewards.config import RewardFunctionConfig, RewardsConfig
@@ -95,6 +96,8 @@ class RunConfig:
     """Held-out evaluation (pass@k, cons@k, avg@k)."""
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     """The demo's base model, pre-trained when no checkpoint.load is given."""
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    """The sbatch job of `megatron-rl submit` (ignored by `train`)."""
 
 
 def load_config(
@@ -125,6 +128,9 @@ def load_config(
 def resolve(cfg: RunConfig, world_size: int) -> RunConfig:
     """Cross-section checks for `world_size` ranks; returns cfg with derived values filled in."""
     parallel = _resolve_parallel(cfg.parallel, world_size)
+    if parallel.sequence_parallel is None:
+        parallel = dataclasses.replace(
+            parallel, sequence_parallel=cfg.model.num_experts > 0 and parallel.tp > 1)
     _check_model_parallel(cfg.model, parallel, world_size)
     _check_lengths(cfg)
     algorithm = _resolve_algorithm(cfg.algorithm, cfg.rollout)
@@ -219,10 +225,19 @@ def _check_model_parallel(model: ModelConfig, par: ParallelConfig, world: int) -
     _divisible(groups, par.tp, "parallel.tp", "model.num_query_groups", "parallel.tp")
     _divisible(model.ffn_hidden_size, par.tp, "parallel.tp", "model.ffn_hidden_size",
                "parallel.tp")
+    last = par.pp_last_stage_layers
+    if last is not None:  # Megatron: the other pp-1 stages split the rest evenly
+        rest = model.num_layers - last
+        require(0 < last < model.num_layers and rest % (par.pp - 1) == 0,
+                "parallel.pp_last_stage_layers",
+                f"{last} leaves {rest} of model.num_layers={model.num_layers} layers, not a "
+                f"positive multiple of pp-1={par.pp - 1}",
+                "choose it so that num_layers - pp_last_stage_layers splits over pp-1 stages")
     stages = par.pp * (par.virtual_pp or 1)
-    require(model.num_layers % stages == 0, "parallel.pp",
+    require(last is not None or model.num_layers % stages == 0, "parallel.pp",
             f"model.num_layers={model.num_layers} is not divisible by pp*virtual_pp={stages}",
-            f"choose pp*virtual_pp in {one_of(divisors(model.num_layers))}")
+            f"choose pp*virtual_pp in {one_of(divisors(model.num_layers))} or set "
+            "parallel.pp_last_stage_layers")
     if model.num_experts == 0:
         require(par.ep == 1, "parallel.ep", f"ep={par.ep} needs an MoE model",
                 "set model.num_experts > 0 or parallel.ep=1")
@@ -234,9 +249,9 @@ def _check_model_parallel(model: ModelConfig, par: ParallelConfig, world: int) -
     if model.moe_shared_expert_intermediate_size is not None:
         _divisible(model.moe_shared_expert_intermediate_size, par.tp, "parallel.tp",
                    "model.moe_shared_expert_intermediate_size", "parallel.tp")
-    require(par.sequence_parallel or par.tp == 1 or par.ep == 1, "parallel.sequence_parallel",
-            "Megatron requires sequence parallelism for MoE with both tp > 1 and ep > 1",
-            "set parallel.sequence_parallel=true")
+    require(par.sequence_parallel or par.tp == 1, "parallel.sequence_parallel",
+            "Megatron's MoE layer refuses to train with tp > 1 without sequence parallelism",
+            "set parallel.sequence_parallel=true (or leave it unset: it then follows tp)")
 
 
 def _check_lengths(cfg: RunConfig) -> None:

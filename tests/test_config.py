@@ -227,8 +227,13 @@ def test_heads_divisible_by_tp() -> None:
     assert "{1, 2, 4}" in message
 
 
-def test_moe_with_tp_and_ep_needs_sequence_parallel() -> None:
-    message = load_error(["parallel.tp=2", "parallel.ep=2"], world_size=4)
+def test_moe_with_tp_gets_sequence_parallel_unless_turned_off() -> None:
+    """Megatron's MoE layer refuses tp > 1 without SP: unset follows tp, false is an error."""
+    assert load_config(TINY, ["parallel.tp=2"], world_size=2).parallel.sequence_parallel
+    assert not load_config(TINY, world_size=2).parallel.sequence_parallel
+    dense = load_config(TINY, ["parallel.tp=2", "model.num_experts=0"], world_size=2)
+    assert dense.parallel.sequence_parallel is False
+    message = load_error(["parallel.tp=2", "parallel.sequence_parallel=false"], world_size=2)
     assert "parallel.sequence_parallel" in message and "sequence_parallel=true" in message
 
 

@@ -193,10 +193,14 @@ class ParallelConfig:
     """Context-parallel size."""
     dp: int | None = None
     """Data-parallel size; None = world_size / (tp*pp*cp), filled in at load time."""
-    sequence_parallel: bool = False
-    """Megatron sequence parallelism (needs tp > 1)."""
+    sequence_parallel: bool | None = None
+    """Megatron sequence parallelism (needs tp > 1); None = on exactly where Megatron requires
+    it (an MoE model with tp > 1), filled in at load time."""
     virtual_pp: int | None = None
     """Virtual pipeline stages per rank (interleaved schedule); None = off."""
+    pp_last_stage_layers: int | None = None
+    """Layers on the last pipeline stage when num_layers does not split evenly (Megatron's
+    num_layers_in_last_pipeline_stage; DeepSeek-V3's 61 = 3*16 + 13); None = an even split."""
     timeout_s: float = 120.0
     """Timeout of every collective and process group, in seconds."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
@@ -204,11 +208,14 @@ class ParallelConfig:
 
     def validate(self) -> None:
         """Sizes are >= 1; sequence parallelism needs tensor parallelism."""
-        for name in ("tp", "pp", "ep", "etp", "cp", "dp", "virtual_pp"):
+        for name in ("tp", "pp", "ep", "etp", "cp", "dp", "virtual_pp", "pp_last_stage_layers"):
             value = getattr(self, name)
             require(value is None or value >= 1, name, f"must be >= 1, got {value}",
                     "use 1 to disable this kind of parallelism")
         require_positive(self, "timeout_s")
+        require(self.pp_last_stage_layers is None or (self.pp > 1 and self.virtual_pp is None),
+                "pp_last_stage_layers", "an uneven last stage needs pp > 1 and no virtual_pp",
+                "set parallel.pp > 1 and parallel.virtual_pp=null, or pp_last_stage_layers=null")
         require(not self.sequence_parallel or self.tp > 1, "sequence_parallel",
                 "sequence parallelism needs tensor parallelism (tp > 1)",
                 "set parallel.tp > 1 or parallel.sequence_parallel=false")
@@ -253,6 +260,9 @@ class ActorConfig:
     """Maximum prompt + response tokens per sample."""
     recompute: Literal["none", "selective", "full"] = "none"
     """Activation recomputation granularity."""
+    optimizer_cpu_offload: bool = False
+    """Keep the optimizer state (fp32 master weights, Adam moments) on the host and step it there
+    (Megatron's HybridDeviceOptimizer); needs use_distributed_optimizer."""
 
     def validate(self) -> None:
         """Ranges of optimizer and batching settings."""
@@ -265,6 +275,9 @@ class ActorConfig:
         require_positive(self, "adam_eps", "micro_batch_size")
         require(self.seq_length >= 2, "seq_length", f"must be >= 2, got {self.seq_length}",
                 "room for at least one prompt and one response token")
+        require(not self.optimizer_cpu_offload or self.use_distributed_optimizer,
+                "optimizer_cpu_offload", "Megatron offloads only the distributed optimizer",
+                "set actor.use_distributed_optimizer=true or optimizer_cpu_offload=false")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -125,10 +125,11 @@ def transformer_config(
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
         virtual_pipeline_model_parallel_size=parallel.virtual_pp,
+        num_layers_in_last_pipeline_stage=parallel.pp_last_stage_layers,
         context_parallel_size=parallel.cp,
         expert_model_parallel_size=parallel.ep,
         expert_tensor_parallel_size=parallel.etp if parallel.etp is not None else parallel.tp,
-        sequence_parallel=parallel.sequence_parallel,
+        sequence_parallel=bool(parallel.sequence_parallel),
         # Fusions are CUDA kernels; the portable spec uses plain torch.
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
