@@ -7,4 +7,4 @@ bash scripts/setup_env.sh
 echo "[test] ruff check ."
 .venv/bin/ruff check .
 echo "[test] pytest tests"
-exec .venv/bin/python -m pytest -q -p no:cacheprovider tests "$@"
+exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 tests "$@"

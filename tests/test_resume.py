@@ -123,6 +123,18 @@ def test_resume_is_exact(uninterrupted, tmp_path):
     assert (tmp_path / "ckpt" / "latest").read_text().strip() == "step_4"
 
 
+def test_resume_with_more_steps_continues_the_run(uninterrupted, tmp_path):
+    """Raising train.steps and resuming extends a finished run (the lr schedule follows the
+    config; Megatron's scheduler would otherwise refuse the changed step count)."""
+    _, out = uninterrupted
+    copy_checkpoint(out / "ckpt", STEPS, tmp_path / "ckpt")
+    res = run_ranks(run_worker, 1, ["checkpoint.resume=true", f"train.steps={STEPS + 1}"],
+                    str(tmp_path), timeout_s=300)[0]
+    assert res["resumed_from"] == str(tmp_path / "ckpt" / f"step_{STEPS}")
+    assert res["step"] == STEPS + 1 and len(res["history"]) == 1
+    assert not res["history"][0]["actor/skipped"]
+
+
 def test_resume_is_exact_on_two_ranks_and_signal_stops_every_rank(tmp_path):
     """EP=2: the uninterrupted run saving at step 2; a fresh resume from that checkpoint where
     only rank 0 is signalled during step 3: every rank must stop after step 3 and save together,

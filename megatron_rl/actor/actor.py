@@ -57,6 +57,8 @@ def _optimizer_config(actor: ActorConfig, params_dtype: torch.dtype) -> Optimize
         bf16=params_dtype == torch.bfloat16,
         params_dtype=params_dtype,
         use_distributed_optimizer=actor.use_distributed_optimizer,
+        optimizer_cpu_offload=actor.optimizer_cpu_offload,
+        optimizer_offload_fraction=1.0 if actor.optimizer_cpu_offload else 0.0,
     )
 
 
@@ -96,6 +98,10 @@ class Actor:
             lr_decay_style=actor.lr_decay_style,
             start_wd=actor.weight_decay,
             end_wd=actor.weight_decay,
+            # A resumed run follows its config (e.g. train.steps raised to run longer); only the
+            # position in the schedule comes from the checkpoint.
+            override_opt_param_scheduler=True,
+            use_checkpoint_opt_param_scheduler=False,
             wd_incr_steps=max(total_steps, 1),
             wd_incr_style="constant",
         )
