@@ -137,7 +137,7 @@ class Trainer:
         self.stopped_by_signal = False
         history = []
         with self.signals, MetricsLogger(self.cfg.logging, self.cfg.train.output_dir, end,
-                                         rank=self.rank) as logger:
+                                         rank=self.rank, start_step=self.step) as logger:
             while self.step < end:
                 history.append(self.train_step())
                 if self._eval_due():

@@ -37,13 +37,14 @@ class FakeClock:
 
 
 def make_logger(tmp_path: Path, *, tensorboard: bool = False, plot: bool = False, interval: int = 1,
-                total: int = 60, rank: int = 0) -> tuple[MetricsLogger, io.StringIO]:
+                total: int = 60, rank: int = 0, start: int = 0
+                ) -> tuple[MetricsLogger, io.StringIO]:
     """A logger writing under `tmp_path`, printing to a buffer, on a 10 s-per-step clock."""
     cfg = LoggingConfig(tensorboard=tensorboard, log_dir=str(tmp_path / "tb"),
                         log_interval=interval, plot=plot)
     out = io.StringIO()
     return MetricsLogger(cfg, str(tmp_path / "run"), total, rank, stream=out,
-                         clock=FakeClock()), out
+                         clock=FakeClock(), start_step=start), out
 
 
 def test_console_line_content_and_eta(tmp_path: Path) -> None:
@@ -93,6 +94,29 @@ def test_tensorboard_scalars_readable(tmp_path: Path) -> None:
     events = acc.Scalars("reward/mean")
     assert [e.step for e in events] == [1, 2, 3]
     assert [e.value for e in events] == pytest.approx([0.1, 0.2, 0.3])
+
+
+def test_resumed_run_records_each_step_once(tmp_path: Path) -> None:
+    """A run that reached step 5 resumes from its step-3 checkpoint: steps 4-5 are rewritten,
+    not duplicated, in metrics.jsonl and tensorboard; steps 1-3 stay and are plotted."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger, _ = make_logger(tmp_path, tensorboard=True)
+    for step in range(1, 6):
+        logger.log(step, {"reward/mean": float(step)})
+    logger.close()
+    logger, _ = make_logger(tmp_path, tensorboard=True, start=3)
+    assert logger.history["reward/mean"] == [(1, 1.0), (2, 2.0), (3, 3.0)]
+    for step in (4, 5, 6):
+        logger.log(step, {"reward/mean": 10.0 * step})
+    logger.close()
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["reward/mean"]) for r in rows] == [
+        (1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0), (6, 60.0)]
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("reward/mean")] == [
+        (1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0), (6, 60.0)]
 
 
 def test_plot_png(tmp_path: Path) -> None:

@@ -62,11 +62,15 @@ class MetricsLogger:
 
     `step` counts completed steps from 1 to `total_steps`. The console line is printed when
     `step % cfg.log_interval == 0` and at the last step; JSON lines and tensorboard every step.
+
+    `start_step` is the step the run (re)starts after: records of later steps, left by a run
+    that went past the checkpoint it is resumed from, are dropped from `metrics.jsonl` and
+    purged from tensorboard, so every step appears once; earlier ones stay and are plotted.
     """
 
     def __init__(self, cfg: LoggingConfig, run_dir: str, total_steps: int, rank: int = 0,
                  stream: TextIO | None = None,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 clock: Callable[[], float] = time.perf_counter, start_step: int = 0) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
         self.total_steps = total_steps
@@ -81,11 +85,16 @@ class MetricsLogger:
         if not self.active:
             return
         os.makedirs(run_dir, exist_ok=True)
-        self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8")
+        path = os.path.join(run_dir, "metrics.jsonl")
+        for row in _keep_rows_through(path, start_step):
+            for key, points in self.history.items():
+                if isinstance(row.get(key), (int, float)):
+                    points.append((row["step"], float(row[key])))
+        self._jsonl = open(path, "a", encoding="utf-8")
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=cfg.log_dir)
+            self._writer = SummaryWriter(log_dir=cfg.log_dir, purge_step=start_step + 1)
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         """Record the metrics of completed step `step` (rank 0 only)."""
@@ -150,6 +159,28 @@ class MetricsLogger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _keep_rows_through(path: str, step: int) -> list[dict[str, Any]]:
+    """Rewrite the JSON-lines file at `path` (if any) keeping the rows of steps <= `step`;
+    returns them. Unreadable lines (a crash mid-write) are dropped."""
+    if not os.path.isfile(path):
+        return []
+    kept, lines = [], []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+                kept.append(row)
+                lines.append(line if line.endswith("\n") else line + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(lines)
+    os.replace(tmp, path)
+    return kept
 
 
 def plot_learning_curve(history: Mapping[str, list[tuple[int, float]]], path: str) -> None:
