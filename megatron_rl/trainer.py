@@ -409,6 +409,7 @@ def cli_main(args: Any) -> int:
 
     from megatron_rl.config import ConfigError, load_config
 
+    start = time.monotonic()
     overrides = list(args.overrides) + (["checkpoint.resume=true"] if args.resume else [])
     try:
         cfg = load_config(args.config, overrides)
@@ -425,6 +426,11 @@ def cli_main(args: Any) -> int:
         after = trainer.evaluate() if before is not None else None
         if trainer.rank == 0 and before is not None and after is not None:
             print(_summary(cfg, before, after), flush=True)
+        if trainer.rank == 0:
+            from megatron_rl.metrics.logger import format_duration
+
+            print(f"megatron-rl train: done in {format_duration(time.monotonic() - start)}",
+                  flush=True)
     finally:
         from megatron_rl.actor.parallel import destroy_distributed
 
