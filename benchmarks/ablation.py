@@ -17,7 +17,7 @@ tokens, a guess about 12, and a policy that loops or rambles runs into `--max-ne
 overlong shaping has something to act on; two-term chains saturate (all 8 samples right) and
 four-term ones often fail together, so dynamic sampling has groups to drop.
 
-    python benchmarks/ablation.py                 # 6 rows x 3 seeds x 60 steps, 2 runs at once
+    python benchmarks/ablation.py                 # 6 rows x 3 seeds x 40 steps, 2 runs at once
     python benchmarks/ablation.py --seeds 1 2 --steps 20 --set actor.lr=3e-4
 
 Each run is a `megatron-rl train` subprocess; its outputs stay under `--out` (one directory per
@@ -96,12 +96,15 @@ def steps_to(evals: dict[int, float], target: float) -> int | None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="configs/demo_cpu.yaml")
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--steps", type=int, default=40)
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--eval-size", type=int, default=128,
                    help="eval candidates (those also in train are dropped)")
     p.add_argument("--max-new-tokens", type=int, default=56)
+    p.add_argument("--mini-batches", type=int, default=4,
+                   help="optimizer steps per RL step (algorithm.mini_batches): with 1 every "
+                        "update is on-policy, the ratio is 1 and clip-higher cannot act")
     p.add_argument("--target", type=float, default=0.45, help="held-out accuracy to reach")
     p.add_argument("--jobs", type=int, default=2,
                    help="runs at once, each on cpu_count / jobs threads (one thread each is "
@@ -112,7 +115,8 @@ def main() -> int:
 
     common = {"train.steps": str(args.steps), "train.eval_interval": str(args.eval_every),
               "eval.size": str(args.eval_size), "eval.n_samples": "4", "eval.k": "[1, 4]",
-              "rollout.max_new_tokens": str(args.max_new_tokens)}
+              "rollout.max_new_tokens": str(args.max_new_tokens),
+              "algorithm.mini_batches": str(args.mini_batches)}
     common.update(kv.split("=", 1) for kv in args.extra)
     runs = [(name, ov, seed) for name, ov in cumulative_rows() for seed in args.seeds]
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
@@ -135,8 +139,9 @@ def main() -> int:
     for (name, _, _), res in zip(runs, finished, strict=True):
         results.setdefault(name, []).append(res)
 
-    print(f"\nDAPO ablation on {args.config} (chain_sum, {args.steps} steps, seeds "
-          f"{args.seeds}, max_new_tokens {args.max_new_tokens}, target {args.target:.0%})")
+    print(f"\nDAPO ablation on {args.config} (chain_sum, {args.steps} steps of "
+          f"{args.mini_batches} updates, seeds {args.seeds}, max_new_tokens "
+          f"{args.max_new_tokens}, target {args.target:.0%})")
     head = (f"| {'row':<28} | final acc (mean ± sd) | steps to {args.target:.0%} | "
             "mean len | clipped |")
     print(head)

@@ -132,7 +132,7 @@ def resolve(cfg: RunConfig, world_size: int) -> RunConfig:
         parallel = dataclasses.replace(
             parallel, sequence_parallel=cfg.model.num_experts > 0 and parallel.tp > 1)
     _check_model_parallel(cfg.model, parallel, world_size)
-    _check_lengths(cfg)
+    _check_lengths(dataclasses.replace(cfg, parallel=parallel))
     algorithm = _resolve_algorithm(cfg.algorithm, cfg.rollout)
     return dataclasses.replace(cfg, parallel=parallel, algorithm=algorithm)
 
@@ -271,6 +271,12 @@ def _check_lengths(cfg: RunConfig) -> None:
     if cfg.rollout.routing_replay:
         require(cfg.model.num_experts > 0, "rollout.routing_replay", "needs an MoE model",
                 "set model.num_experts > 0 or rollout.routing_replay=false")
+    samples = cfg.rollout.prompts_per_step * cfg.rollout.n_samples_per_prompt
+    per_update = cfg.actor.micro_batch_size * (cfg.parallel.dp or 1)
+    require(samples >= cfg.algorithm.mini_batches * per_update, "algorithm.mini_batches",
+            f"{cfg.algorithm.mini_batches} mini-batches of at least micro_batch_size*dp = "
+            f"{per_update} samples do not fit in a step's {samples} samples",
+            f"use algorithm.mini_batches <= {max(1, samples // per_update)}")
     group = cfg.rollout.n_samples_per_prompt
     needs_group = cfg.algorithm.advantage_estimator == "rloo" or cfg.algorithm.dynamic_sampling
     require(group >= 2 or not needs_group, "rollout.n_samples_per_prompt",

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import itertools
 import json
 import math
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -62,6 +64,27 @@ class _Rewards:
     scores: dict[str, list[float]]
 
 
+def mini_batches(mbs: list[MicroBatch], n: int) -> list[list[MicroBatch]]:
+    """This rank's micro-batches in `n` contiguous mini-batches (fewer when there are fewer
+    micro-batches, e.g. a dynamic-sampling step that came up short). Every DP rank holds the
+    same number of micro-batches, so every rank splits alike and updates together."""
+    n = max(1, min(n, len(mbs)))
+    bounds = [round(i * len(mbs) / n) for i in range(n + 1)]
+    return [mbs[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+def merge_results(results: list[StepResult]) -> StepResult:
+    """One step's metrics from its updates: stats and grad norm averaged over the updates that
+    ran, the last lr; skipped only when every update was."""
+    ran = [r for r in results if r.updated] or results
+    keys = {k for r in ran for k in r.stats}
+    stats = {k: sum(r.stats[k] for r in ran if k in r.stats) / sum(k in r.stats for r in ran)
+             for k in keys}
+    return StepResult(stats, sum(r.grad_norm for r in ran) / len(ran), results[-1].lr,
+                      any(r.updated for r in results), None if ran[0].updated else
+                      results[-1].nonfinite)
+
+
 class Trainer:
     """One RL run; every method is collective over all ranks.
 
@@ -76,7 +99,8 @@ class Trainer:
         self.cfg = cfg
         init_distributed(cfg.parallel, seed=cfg.train.seed)
         self.rank = dist.get_rank()
-        self.actor = Actor(cfg.model, cfg.parallel, cfg.actor, total_steps=cfg.train.steps)
+        self.actor = Actor(cfg.model, cfg.parallel, cfg.actor,
+                           total_steps=cfg.train.steps * cfg.algorithm.mini_batches)
         self._rank0_group = dist.new_group(  # host-side broadcasts that wait for rank 0's work
             backend="gloo", timeout=datetime.timedelta(seconds=RANK0_WORK_TIMEOUT_S))
         self.step = 0
@@ -136,6 +160,10 @@ class Trainer:
         end = self.step + steps if steps is not None else self.cfg.train.steps
         self.stopped_by_signal = False
         history = []
+        if threading.current_thread() is threading.main_thread():
+            from megatron_rl.actor import checkpoint
+
+            checkpoint.shield_writer_from_stop_signals()
         with self.signals, MetricsLogger(self.cfg.logging, self.cfg.train.output_dir, end,
                                          rank=self.rank, start_step=self.step) as logger:
             while self.step < end:
@@ -166,13 +194,17 @@ class Trainer:
             return {"actor/skipped": 1.0, "dynamic_sampling/gen_batches": report["gen_batches"],
                     "dynamic_sampling/keep_ratio": 0.0, "throughput/step_seconds":
                     time.perf_counter() - start}
-        mbs, den = self.make_batch(samples)
+        mbs, _ = self.make_batch(samples)
         actor_start = time.perf_counter()
         self.old_logprobs(mbs)
-        result = self.actor.train_step(mbs, self.loss_fn(den), self.cfg.rollout.temperature)
+        results = []
+        for chunk in mini_batches(mbs, self.cfg.algorithm.mini_batches):
+            results.append(self.actor.train_step(chunk, self.loss_fn(self.denominator(chunk)),
+                                                 self.cfg.rollout.temperature))
+            self.check_finite(results[-1])
+        result = merge_results(results)
         actor_seconds = time.perf_counter() - actor_start
         self.step += 1
-        self.check_finite(result)
         sync = self.sync_weights() if result.updated else {"seconds": 0.0, "bytes": 0.0}
         box = [self.metrics(samples, report, result, sync, self.logprob_gap(mbs),
                             {"step": time.perf_counter() - start, "actor": actor_seconds})]
@@ -233,9 +265,15 @@ class Trainer:
         local = {k: v[idx].clone() for k, v in rows.items()}
         local["loss_mask"][~real] = 0.0  # padding rows: nothing to learn
         mbs = micro_batches(local, adv.advantages.float()[idx], mbs_size)
+        return mbs, self.denominator(mbs)
+
+    def denominator(self, mbs: list[MicroBatch]) -> torch.Tensor:
+        """The loss aggregation's denominator over `mbs` on every DP rank (all-reduced), so an
+        update's loss does not depend on how its samples are split over ranks."""
+        alg = self.cfg.algorithm
         den = denominator(alg.loss_agg, [mb.loss_mask for mb in mbs], alg.loss_norm_len)
         dist.all_reduce(den, group=ps.get_data_parallel_group())
-        return mbs, den
+        return den
 
     def old_logprobs(self, mbs: list[MicroBatch]) -> None:
         """Log-probs of the current (= sampling) weights, the ratio's denominator, and of the

@@ -293,3 +293,26 @@ if __name__ == "__main__":  # the signal test's subprocess: one rank, run until 
     os.environ.setdefault("WORLD_SIZE", "1")
     result = run_worker([], sys.argv[1], await_signal_on_call=2)
     sys.exit(0 if result["stopped"] and result["step"] < int(sys.argv[2]) else 1)
+
+
+def test_checkpoint_writer_helper_survives_stop_signals(monkeypatch):
+    """A signal sent to every process of a job (Slurm preemption, `scontrol requeue`) must not
+    kill Megatron's checkpoint-writer helper, or the save made on that signal fails."""
+    import psutil
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from megatron_rl.actor import checkpoint
+
+    monkeypatch.setattr(filesystem_async, "_results_queue", None)  # a fresh helper
+    before = {p.pid for p in psutil.Process().children()}
+    checkpoint.shield_writer_from_stop_signals()
+    queue = filesystem_async._get_write_results_queue()
+    helpers = [p for p in psutil.Process().children() if p.pid not in before]
+    assert helpers  # the manager (and spawn's resource tracker)
+    for proc in helpers:
+        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGUSR1)
+    time.sleep(0.5)
+    assert all(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in helpers)
+    queue.put("still there")
+    assert queue.get(timeout=10) == "still there"

@@ -39,15 +39,17 @@ def trainer_worker(overrides: list[str], out: str) -> list[dict]:
         engine_lp = torch.log_softmax(trainer.engine.model(ids[:, :-1]).logits.float(), -1)
         engine_lp = engine_lp.gather(-1, ids[:, 1:, None])[..., 0]
         actor_lp = trainer.actor.logprobs([mb])[0]
-        history.append({"sync_gap": float((engine_lp - actor_lp).abs().max())})
+        history.append({"sync_gap": float((engine_lp - actor_lp).abs().max()),
+                        "updates": trainer.actor.scheduler.num_steps})
     else:
         trainer.actor.logprobs([__import__("megatron_rl.actor.step", fromlist=["x"]).MicroBatch(
             torch.arange(1, 16)[None], torch.arange(2, 17)[None], torch.ones(1, 15))])
     return history
 
 
-@pytest.mark.parametrize(("world", "overrides"), [(1, []), (2, ["parallel.ep=2"])],
-                         ids=["1rank", "ep2"])
+@pytest.mark.parametrize(("world", "overrides"),
+                         [(1, []), (2, ["parallel.ep=2", "algorithm.mini_batches=2"])],
+                         ids=["1rank", "ep2-2minibatches"])
 def test_two_rl_steps(world, overrides, tmp_path):
     results = run_ranks(trainer_worker, world, overrides, str(tmp_path), timeout_s=600)
     for history in results:
@@ -63,6 +65,12 @@ def test_two_rl_steps(world, overrides, tmp_path):
             assert m["throughput/train_tokens_per_s"] > 0
     assert results[0][:2] == results[-1][:2]  # every rank reports the same step metrics
     assert results[0][2]["sync_gap"] < 1e-4
+    # One update per mini-batch. A single update is on-policy (ratio 1, KL to the sampling
+    # policy 0); a second one runs after the first moved the weights, so its ratio is not 1.
+    mini = 2 if "algorithm.mini_batches=2" in overrides else 1
+    assert results[0][2]["updates"] == 2 * mini
+    kl = [m["actor/approx_kl"] for m in results[0][:2]]
+    assert all(k > 1e-7 for k in kl) if mini > 1 else all(abs(k) < 1e-6 for k in kl), kl
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2 and '"reward/mean"' in lines[0]
     assert (tmp_path / "run" / "learning_curve.png").stat().st_size > 0

@@ -59,6 +59,27 @@ def save_sharded(
     return final
 
 
+def shield_writer_from_stop_signals() -> None:
+    """Start Megatron's checkpoint-writer helper process now, with SIGTERM and SIGUSR1 ignored.
+
+    Its first save starts a multiprocessing manager process. A signal sent to every process of a
+    job (Slurm's preemption SIGTERM, `scontrol requeue`, `--signal` without `B:`) would kill that
+    helper too, and the save the trainer makes on that very signal would fail (BrokenPipeError).
+    A process started while a signal is ignored keeps ignoring it. Main thread only; idempotent.
+    """
+    import signal
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    stops = (signal.SIGTERM, signal.SIGUSR1)
+    saved = {s: signal.signal(s, signal.SIG_IGN) for s in stops}
+    try:
+        filesystem_async._get_write_results_queue()
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 def resolve(path: str | os.PathLike) -> Path:
     """A checkpoint directory, or a root holding `latest`, -> the checkpoint directory."""
     path = Path(path)

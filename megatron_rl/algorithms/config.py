@@ -79,6 +79,11 @@ class AlgorithmConfig:
     loss_norm_len: int | None = None
     """Constant length dividing per-sequence token sums in `seq_mean_token_sum_norm` (Dr.GRPO's
     MAX_TOKENS); None = rollout.max_new_tokens (resolved at load time)."""
+    mini_batches: int = 1
+    """Optimizer steps per RL step: the step's samples are split into this many mini-batches,
+    one update each, all against the same old log-probs (verl's train_batch_size /
+    ppo_mini_batch_size, slime's num_steps_per_rollout; DAPO used 16). With 1 the update is
+    on-policy, the ratio is exactly 1 and the clip (so clip-higher) never acts."""
 
     def validate(self) -> None:
         """Ranges of the clip, KL and shaping settings."""
@@ -86,7 +91,7 @@ class AlgorithmConfig:
                 "e.g. 0.2")
         require_non_negative(self, "eps_high", "kl_coef", "entropy_coef")
         require_positive(self, "adv_eps", "tis_cap", "max_gen_batches", "overlong_max_len",
-                         "overlong_cache_len", "loss_norm_len")
+                         "overlong_cache_len", "loss_norm_len", "mini_batches")
         require(self.dual_clip_c is None or self.dual_clip_c > 1, "dual_clip_c",
                 f"must be > 1, got {self.dual_clip_c}", "e.g. 3.0, or null to disable")
         if self.overlong_max_len is not None and self.overlong_cache_len is not None:
