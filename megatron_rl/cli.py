@@ -57,12 +57,17 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_submit_args(parser: argparse.ArgumentParser) -> None:
-    """Config arguments plus `--dry-run`."""
+    """Config arguments, `--dry-run` and `--convert SRC DST`."""
     _add_config_args(parser)
     parser.add_argument(
         "--dry-run",
         action="store_true",
         help="print the rendered sbatch script instead of submitting it",
+    )
+    parser.add_argument(
+        "--convert", nargs=2, metavar=("SRC", "DST"),
+        help="submit a multi-node HF -> Megatron conversion (megatron-rl convert hf-to-mcore "
+        "SRC DST) on the config's nodes and parallel layout instead of training",
     )
 
 
@@ -119,6 +124,15 @@ def _add_eval_args(parser: argparse.ArgumentParser) -> None:
                         "is written beside it")
 
 
+def _add_plan_args(parser: argparse.ArgumentParser) -> None:
+    """Config arguments plus the world size and hardware assumptions (defined beside the
+    planner; argparse only)."""
+    from megatron_rl.launch.plan import add_arguments
+
+    _add_config_args(parser)
+    add_arguments(parser)
+
+
 def _add_nothing(parser: argparse.ArgumentParser) -> None:
     """Subcommands whose arguments are defined when they are built."""
 
@@ -141,11 +155,11 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         "Convert checkpoints between Hugging Face and Megatron", "megatron_rl.convert.cli:main", 5,
         _add_convert_args,
     ),
-    "plan": Subcommand(
-        "Estimate per-GPU memory and step time for a config", None, 9, _add_config_args
-    ),
+    "plan": Subcommand("Estimate per-GPU memory and step time for a config",
+                       "megatron_rl.launch.plan:cli_main", 9, _add_plan_args),
     "submit": Subcommand(
-        "Render an sbatch script for a config and submit it to Slurm", None, 9, _add_submit_args
+        "Render an sbatch script for a config and submit it to Slurm",
+        "megatron_rl.launch.slurm:cli_main", 9, _add_submit_args
     ),
     "profile": Subcommand("Profile kernel throughput (time, bytes/s, FLOP/s)",
                           "megatron_rl.kernels.profile:cli_main", 8, _add_profile_args),
