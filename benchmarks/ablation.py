@@ -9,7 +9,10 @@ Every row trains the same cached base model (the `pretrain` section) for `--step
 several seeds, evaluating on the held-out set every `--eval-every` steps, and the table gives the
 final held-out accuracy (mean and spread over seeds) and the steps until held-out accuracy first
 reaches `--target`. All rows have no KL term, so only the four fixes differ (the paper's naive
-GRPO keeps the KL term; DAPO drops it).
+GRPO keeps the KL term; DAPO drops it). Each step is split into `--mini-batches` optimizer updates
+against the same old log-probs, as DAPO's training does: with one update per step the ratio is
+exactly 1 and clip-higher cannot change anything. Results and what they show:
+benchmarks/README.md.
 
 The task is the demo's chain sums (2 to 4 one-digit terms): a worked response is 20 to 41
 tokens, a guess about 12, and a policy that loops or rambles runs into `--max-new-tokens`
