@@ -119,16 +119,36 @@ class Trainer:
             self.prompts = PromptSampler(train.records, 1, cfg.data.seed, cfg.data.shuffle)
             self.encode = lambda rec: self.tokenizer.encode(
                 apply_template(cfg.data.chat_template, rec.prompt, self.tokenizer))
-            self.engine, self.sampler = self._rollout()
+            self.engines, self.sampler = self._rollout()
+            self.engine = self.engines[0]  # evaluation generates here
         self._restore()  # last: it restores the RNG that construction has drawn from
 
-    def _rollout(self) -> tuple[Any, Any]:
-        from megatron_rl.rewards import RewardComputer
-        from megatron_rl.rollout.sampler import GroupSampler, reward_inputs
+    def _engines(self) -> list[Any]:
+        """The rollout engines: the embedded one (colocated, the default), or a client per
+        server of `rollout.engine_urls` (SGLang or `megatron-rl serve`; the group sampler
+        spreads each step's prompts over them, weight sync updates them all)."""
+        ro = self.cfg.rollout
+        if ro.engine == "sglang":
+            if not ro.engine_urls:
+                raise ValueError("rollout.engine=sglang: set rollout.engine_urls to the servers' "
+                                 "URLs (an SGLang engine inside the trainer process is not "
+                                 "supported yet; rollout.engine=transformers runs one)")
+            from megatron_rl.rollout.sglang_engine import SGLangEngine
+
+            engines = [SGLangEngine.from_config(ro, url) for url in ro.engine_urls]
+            for engine in engines:  # fail now, naming the host, not at the first step
+                engine.model_info()
+            return engines
         from megatron_rl.rollout.transformers_engine import TransformersEngine
 
-        engine = TransformersEngine.from_model_config(self.cfg.model, tokenizer=self.tokenizer,
-                                                      timeout_s=self.cfg.rollout.call_timeout_s)
+        return [TransformersEngine.from_model_config(self.cfg.model, tokenizer=self.tokenizer,
+                                                     timeout_s=ro.call_timeout_s)]
+
+    def _rollout(self) -> tuple[list[Any], Any]:
+        from megatron_rl.rewards import RewardComputer
+        from megatron_rl.rollout.sampler import GroupSampler, reward_inputs
+
+        engines = self._engines()
         rewards = RewardComputer(self.cfg.rewards)
 
         def reward_fn(samples: list[Sample]) -> _Rewards:
@@ -141,11 +161,11 @@ class Trainer:
                 total = [t + float(p) for t, p in zip(total, pen, strict=True)]
             return _Rewards(total, {k: list(v) for k, v in batch.scores.items()})
 
-        sampler = GroupSampler.from_config(engine, self.cfg.rollout, self.cfg.algorithm,
+        sampler = GroupSampler.from_config(engines, self.cfg.rollout, self.cfg.algorithm,
                                            lambda n: [self.prompts.next_batch()[0]
                                                       for _ in range(n)], reward_fn,
                                            encode=self.encode)
-        return engine, sampler
+        return engines, sampler
 
     # ---- the loop ------------------------------------------------------------------------------
 
@@ -201,10 +221,11 @@ class Trainer:
         for chunk in mini_batches(mbs, self.cfg.algorithm.mini_batches):
             results.append(self.actor.train_step(chunk, self.loss_fn(self.denominator(chunk)),
                                                  self.cfg.rollout.temperature))
-            self.check_finite(results[-1])
         result = merge_results(results)
         actor_seconds = time.perf_counter() - actor_start
         self.step += 1
+        for update in results:  # a skipped update never touched the weights
+            self.check_finite(update)
         sync = self.sync_weights() if result.updated else {"seconds": 0.0, "bytes": 0.0}
         box = [self.metrics(samples, report, result, sync, self.logprob_gap(mbs),
                             {"step": time.perf_counter() - start, "actor": actor_seconds})]
@@ -314,7 +335,7 @@ class Trainer:
         """The actor's weights to the engine (collective; engine on rank 0)."""
         from megatron_rl.rollout.weight_sync import sync_weights
 
-        engines = [self.engine] if self.rank == 0 else []
+        engines = self.engines if self.rank == 0 else []
         bucket = self.cfg.rollout.weight_sync_bucket_mb * 2**20
         report = sync_weights(self.actor, engines, bucket)
         self._engine_stale = False
@@ -446,6 +467,7 @@ def cli_main(args: Any) -> int:
     import sys
 
     from megatron_rl.config import ConfigError, load_config
+    from megatron_rl.rollout.engine import EngineError
 
     start = time.monotonic()
     overrides = list(args.overrides) + (["checkpoint.resume=true"] if args.resume else [])
@@ -453,7 +475,7 @@ def cli_main(args: Any) -> int:
         cfg = load_config(args.config, overrides)
         cfg = _with_base_model(cfg)
         trainer = Trainer(cfg)
-    except (ConfigError, ValueError, OSError) as err:
+    except (ConfigError, ValueError, OSError, EngineError) as err:
         print(f"megatron-rl train: {err}", file=sys.stderr)
         return 1
     try:

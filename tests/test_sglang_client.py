@@ -277,3 +277,52 @@ def test_serve_needs_a_model(capsys: pytest.CaptureFixture[str]) -> None:
 
     assert cli.main(["serve"]) == 2
     assert "exactly one of --model-path and --config" in capsys.readouterr().err
+
+
+# ---- the trainer with a served engine --------------------------------------------------------
+
+def _remote_trainer_worker(url: str, out: str) -> list[dict]:
+    from megatron_rl.trainer import Trainer
+
+    cfg = load_config(CONFIG, [
+        "rollout.engine=sglang", f"rollout.engine_urls=['{url}']",
+        "rollout.prompts_per_step=4", "rollout.n_samples_per_prompt=4",
+        "rollout.max_new_tokens=12", "actor.seq_length=128", "actor.micro_batch_size=2",
+        "data.train_size=200", "data.eval_size=20", "rewards.num_workers=0",
+        "algorithm.dynamic_sampling=false", f"data.tokenizer_cache={out}/tok",
+        f"train.output_dir={out}/run", "logging.tensorboard=false", "logging.plot=false",
+        f"checkpoint.dir={out}/ckpt",
+    ], world_size=1)
+    return Trainer(cfg).run(steps=2)
+
+
+def test_trainer_generates_with_a_served_engine(checkpoints: tuple[Path, Path],
+                                                tmp_path: Path) -> None:
+    """`rollout.engine=sglang` with `engine_urls`: the trainer samples from the server and
+    syncs its weights there after every update (the engine's sampling log-probs then equal the
+    actor's), as a job with engines on their own nodes runs."""
+    from megatron_rl.launch.spawn import run_ranks
+
+    proc, url = _start_server(checkpoints[0])  # its own: the updates overwrite its weights
+    try:
+        (history,) = run_ranks(_remote_trainer_worker, 1, url, str(tmp_path), timeout_s=600)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert len(history) == 2
+    for m in history:
+        assert m["weight_sync/bytes"] > 0 and m["actor/skipped"] == 0.0
+        assert m["mismatch/logp_abs_diff_mean"] < 1e-3  # sampled with the actor's weights
+
+
+def test_trainer_names_an_engine_that_does_not_answer(tmp_path: Path) -> None:
+    """A dead engine URL fails `train` at start-up with one line naming it, not at step 1."""
+    out = subprocess.run(
+        [sys.executable, "-m", "megatron_rl", "train", CONFIG, "--set", "rollout.engine=sglang",
+         "--set", "rollout.engine_urls=['http://127.0.0.1:9']", "--set", "rollout.max_retries=0",
+         "--set", "data.train_size=50", "--set", f"data.tokenizer_cache={tmp_path}/tok",
+         "--set", f"train.output_dir={tmp_path}/run", "--set", f"checkpoint.dir={tmp_path}/ck",
+         "--set", "eval.size=0"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("megatron-rl train:") and "http://127.0.0.1:9" in last, last
