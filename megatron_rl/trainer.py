@@ -64,15 +64,6 @@ class _Rewards:
     scores: dict[str, list[float]]
 
 
-def mini_batches(mbs: list[MicroBatch], n: int) -> list[list[MicroBatch]]:
-    """This rank's micro-batches in `n` contiguous mini-batches (fewer when there are fewer
-    micro-batches, e.g. a dynamic-sampling step that came up short). Every DP rank holds the
-    same number of micro-batches, so every rank splits alike and updates together."""
-    n = max(1, min(n, len(mbs)))
-    bounds = [round(i * len(mbs) / n) for i in range(n + 1)]
-    return [mbs[a:b] for a, b in itertools.pairwise(bounds)]
-
-
 def merge_results(results: list[StepResult]) -> StepResult:
     """One step's metrics from its updates: stats and grad norm averaged over the updates that
     ran, the last lr; skipped only when every update was."""
@@ -214,13 +205,12 @@ class Trainer:
             return {"actor/skipped": 1.0, "dynamic_sampling/gen_batches": report["gen_batches"],
                     "dynamic_sampling/keep_ratio": 0.0, "throughput/step_seconds":
                     time.perf_counter() - start}
-        mbs, _ = self.make_batch(samples)
+        parts = self.make_batch(samples)
+        mbs = [mb for part in parts for mb in part]
         actor_start = time.perf_counter()
         self.old_logprobs(mbs)
-        results = []
-        for chunk in mini_batches(mbs, self.cfg.algorithm.mini_batches):
-            results.append(self.actor.train_step(chunk, self.loss_fn(self.denominator(chunk)),
-                                                 self.cfg.rollout.temperature))
+        results = [self.actor.train_step(part, self.loss_fn(self.denominator(part)),
+                                         self.cfg.rollout.temperature) for part in parts]
         result = merge_results(results)
         actor_seconds = time.perf_counter() - actor_start
         self.step += 1
@@ -267,26 +257,34 @@ class Trainer:
         dist.broadcast_object_list(box, src=0, group=self._rank0_group)
         return box[0]
 
-    def make_batch(self, samples: list[Sample]) -> tuple[list[MicroBatch], torch.Tensor]:
-        """Advantages over the whole step, then this DP rank's rows as micro-batches, and the
-        loss denominator all-reduced over DP."""
+    def make_batch(self, samples: list[Sample]) -> list[list[MicroBatch]]:
+        """Advantages over the whole step; then the step's samples in `algorithm.mini_batches`
+        contiguous mini-batches (one optimizer update each), and of each mini-batch this DP
+        rank's share as micro-batches. Splitting each mini-batch over the ranks (not the step,
+        then each rank's part into mini-batches) keeps every update on the same samples under
+        any DP size; every rank gets the same micro-batch count, padding rows masked out."""
         alg, mbs_size = self.cfg.algorithm, self.cfg.actor.micro_batch_size
         rewards = torch.tensor([s.reward for s in samples], dtype=torch.float64)
         groups = torch.tensor([s.group for s in samples])
         adv = compute_advantages(alg.advantage_estimator, rewards, groups, eps=alg.adv_eps)
+        advantages = adv.advantages.float()
         rows = sample_rows(samples, self.cfg.actor.seq_length)
         if alg.overlong_filter:
             truncated = torch.tensor([s.truncated for s in samples])
             rows["loss_mask"][truncated] = 0.0
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-        per_rank = -(-len(samples) // (dp * mbs_size)) * mbs_size  # same micro-batch count
-        order = torch.arange(dp_rank * per_rank, (dp_rank + 1) * per_rank)
-        real = order < len(samples)
-        idx = torch.where(real, order, torch.zeros_like(order))
-        local = {k: v[idx].clone() for k, v in rows.items()}
-        local["loss_mask"][~real] = 0.0  # padding rows: nothing to learn
-        mbs = micro_batches(local, adv.advantages.float()[idx], mbs_size)
-        return mbs, self.denominator(mbs)
+        n = len(samples)
+        k = max(1, min(alg.mini_batches, n))  # a dynamic-sampling step may come up short
+        parts = []
+        for start, end in itertools.pairwise([round(i * n / k) for i in range(k + 1)]):
+            per_rank = -(-(end - start) // (dp * mbs_size)) * mbs_size
+            order = start + torch.arange(dp_rank * per_rank, (dp_rank + 1) * per_rank)
+            real = order < end
+            idx = torch.where(real, order, torch.zeros_like(order))
+            local = {key: v[idx].clone() for key, v in rows.items()}
+            local["loss_mask"][~real] = 0.0  # padding rows: nothing to learn
+            parts.append(micro_batches(local, advantages[idx], mbs_size))
+        return parts
 
     def denominator(self, mbs: list[MicroBatch]) -> torch.Tensor:
         """The loss aggregation's denominator over `mbs` on every DP rank (all-reduced), so an
