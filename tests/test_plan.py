@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from torch.overrides import TorchFunctionMode
 
+from megatron_rl.actor.config import padded_vocab_size
 from megatron_rl.cli import main
 from megatron_rl.config import load_config
 from megatron_rl.launch.plan import (
@@ -26,7 +27,6 @@ from megatron_rl.launch.plan import (
     layer_params,
     make_plan,
     moe_pattern,
-    padded_vocab,
     render,
 )
 from megatron_rl.launch.spawn import run_ranks
@@ -96,7 +96,7 @@ def test_param_counts_equal_megatron_core(path, total_b, active_b):
         want = plan.moe_layer.dense + plan.moe_layer.experts if kind else plan.dense_layer.dense
         assert count == want, f"{'MoE' if kind else 'dense'} layer"
     assert mc["rest"] == plan.embedding + plan.output + plan.final_norm
-    assert mc["vocab"] == padded_vocab(m.vocab_size, 1)
+    assert mc["vocab"] == padded_vocab_size(m.vocab_size, 1)
     total = mc["rest"] + sum(per_kind[k] for k in kinds)
     active = total - kinds.count(1) * (m.num_experts - m.moe_router_topk) * mc["expert"]
     assert plan.total == total and plan.active == active
@@ -201,10 +201,13 @@ def test_engines_on_their_own_nodes(capsys):
 
 
 def test_padded_vocab_matches_the_builder():
-    from megatron_rl.actor.model import padded_vocab_size
-
+    """The planner counts the embedding at the vocabulary the builder pads to."""
+    for path in (DSV3, QWEN):
+        m = load_config(path, ONE_RANK, world_size=1).model
+        assert count_params(m).embedding == padded_vocab_size(m.vocab_size, 1) * m.hidden_size
     for vocab, tp in ((129280, 8), (151936, 4), (512, 1), (49152, 3), (1000, 6)):
-        assert padded_vocab(vocab, tp) == padded_vocab_size(vocab, tp)
+        padded = padded_vocab_size(vocab, tp)
+        assert padded % tp == 0 and padded % 128 == 0 and 0 <= padded - vocab < 128 * tp
 
 
 def uneven_pp_worker() -> list[int]:

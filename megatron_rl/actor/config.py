@@ -5,6 +5,7 @@ run in `megatron_rl.config.load_config`. Translation to Megatron-Core's `Transfo
 happens in exactly one place in the actor, not here.
 """
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -302,3 +303,14 @@ class CheckpointConfig:
         require(self.load is None or bool(self.load.strip()), "load", "is empty",
                 "give a checkpoint or HF model directory, or null")
 
+
+# Vocabulary is padded to a multiple of this, independent of TP, so that a checkpoint saved at
+# one TP size loads at another (the padded rows are masked to -inf when computing log-probs).
+VOCAB_PAD_MULTIPLE = 128
+
+
+def padded_vocab_size(vocab_size: int, tp: int) -> int:
+    """Vocabulary rounded up to `VOCAB_PAD_MULTIPLE` (and to a multiple of tp), as the model
+    builder and the memory planner both see it."""
+    multiple = math.lcm(VOCAB_PAD_MULTIPLE, tp)
+    return -(-vocab_size // multiple) * multiple

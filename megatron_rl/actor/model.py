@@ -7,8 +7,6 @@ pipeline stage on this rank, each wrapped in Megatron's `DistributedDataParallel
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -17,20 +15,10 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
-from megatron_rl.actor.config import ActorConfig, ModelConfig, ParallelConfig
+from megatron_rl.actor.config import ActorConfig, ModelConfig, ParallelConfig, padded_vocab_size
 from megatron_rl.actor.spec import decoder_block_spec
 
-# Vocabulary is padded to a multiple of this, independent of TP, so that a checkpoint saved at
-# one TP size loads at another (the padded rows are masked to -inf when computing log-probs).
-VOCAB_PAD_MULTIPLE = 128
-
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def padded_vocab_size(vocab_size: int, tp: int) -> int:
-    """Vocabulary rounded up to `VOCAB_PAD_MULTIPLE` (and to a multiple of tp)."""
-    multiple = math.lcm(VOCAB_PAD_MULTIPLE, tp)
-    return -(-vocab_size // multiple) * multiple
 
 
 def _yarn_kwargs(model: ModelConfig) -> dict:

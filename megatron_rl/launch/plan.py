@@ -41,15 +41,13 @@ are left out.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from dataclasses import dataclass
 
-from megatron_rl.actor.config import ModelConfig
+from megatron_rl.actor.config import ModelConfig, padded_vocab_size
 from megatron_rl.configurable import ConfigError
 
 GIB = 2**30
-VOCAB_PAD_MULTIPLE = 128  # as megatron_rl.actor.model (not imported: it pulls in Megatron)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,12 +121,6 @@ class ParamCount:
                 + self.n_dense * self.dense_layer.dense + self.n_moe * moe)
 
 
-def padded_vocab(vocab_size: int, tp: int) -> int:
-    """Vocabulary rounded up as Megatron sees it (`megatron_rl.actor.model.padded_vocab_size`)."""
-    multiple = math.lcm(VOCAB_PAD_MULTIPLE, tp)
-    return -(-vocab_size // multiple) * multiple
-
-
 def attention_params(m: ModelConfig) -> int:
     """One attention block: GQA (fused QKV) or MLA (q/kv LoRA with their norms)."""
     h, heads = m.hidden_size, m.num_attention_heads
@@ -173,7 +165,7 @@ def moe_pattern(m: ModelConfig) -> list[int]:
 def count_params(m: ModelConfig, mtp_layers: int = 0) -> ParamCount:
     """Parameters of the model at tp=1, total and activated."""
     pattern = moe_pattern(m)
-    vocab = padded_vocab(m.vocab_size, 1)
+    vocab = padded_vocab_size(m.vocab_size, 1)
     moe = layer_params(m, True) if m.num_experts else None
     # A Megatron MTP layer: two norms, the 2h->h projection, one (MoE) layer, a final norm;
     # embedding and output layer are shared with the main model.
@@ -276,7 +268,7 @@ def stage_memory(m: ModelConfig, counts: ParamCount, lay: Layout, stage: int,
     pattern = moe_pattern(m)
     start = sum(lay.stage_layers[:stage])
     kinds = pattern[start:start + lay.stage_layers[stage]]
-    vocab = padded_vocab(m.vocab_size, lay.tp)
+    vocab = padded_vocab_size(m.vocab_size, lay.tp)
     first, last = stage == 0, stage == lay.pp - 1
     dense = sum(counts.moe_layer.dense if k else counts.dense_layer.dense for k in kinds) / lay.tp
     if counts.moe_layer is not None:
