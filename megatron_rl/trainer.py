@@ -15,14 +15,15 @@ A step whose loss or grad norm is not finite is skipped (weights and optimizer u
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
-import itertools
 import json
 import math
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +37,19 @@ from megatron_rl.actor.loss import policy_loss_fn
 from megatron_rl.actor.parallel import init_distributed
 from megatron_rl.actor.step import LossFn, MicroBatch
 from megatron_rl.algorithms import compute_advantages, denominator, overlong_penalty
-from megatron_rl.batching import micro_batches, sample_rows
+from megatron_rl.batching import build_batch, reward_matrix, split_updates
 from megatron_rl.config import RunConfig
+from megatron_rl.data import PromptSampler, apply_template, build_dataset, build_tokenizer
 from megatron_rl.metrics import (
     logprob_mismatch,
     reflection_frequency,
     response_stats,
     reward_stats,
 )
+from megatron_rl.rewards import RewardComputer
+from megatron_rl.rewards.pool import column_names
+from megatron_rl.rollout.sampler import GroupSampler
+from megatron_rl.rollout.store import load_rollouts, save_rollouts, saved_steps
 from megatron_rl.rollout.types import Sample
 
 RANK0_WORK_TIMEOUT_S = 3600.0
@@ -64,6 +70,20 @@ class _Rewards:
     scores: dict[str, list[float]]
 
 
+def reward_columns(cfg: RunConfig) -> tuple[list[str], torch.Tensor]:
+    """The reward columns every sample carries and their weights [K] (fp64): one per reward
+    function (`rewards.functions`, names made unique as the reward pool does), then
+    `OVERLONG_COLUMN` (weight 1) when DAPO's soft overlong punishment is on."""
+    names = column_names(list(cfg.rewards.functions))
+    weights = [f.weight for f in cfg.rewards.functions]
+    if cfg.algorithm.overlong_penalty:
+        if OVERLONG_COLUMN in names:
+            raise ValueError(f"rewards.functions: a reward named {OVERLONG_COLUMN!r} collides "
+                             "with algorithm.overlong_penalty's column; rename it")
+        names, weights = names + [OVERLONG_COLUMN], weights + [1.0]
+    return names, torch.tensor(weights, dtype=torch.float64)
+
+
 def merge_results(results: list[StepResult]) -> StepResult:
     """One step's metrics from its updates: stats and grad norm averaged over the updates that
     ran, the last lr; skipped only when every update was."""
@@ -76,6 +96,32 @@ def merge_results(results: list[StepResult]) -> StepResult:
                       results[-1].nonfinite)
 
 
+OVERLONG_COLUMN = "overlong_penalty"
+"""Reward column of DAPO's soft overlong punishment (weight 1) when `algorithm.overlong_penalty`."""
+_NO_SYNC = {"seconds": 0.0, "bytes": 0.0}
+
+
+class _Timer:
+    """Wall time since `restart()` ("step") and the time spent inside `with timer(name):`."""
+
+    def __init__(self) -> None:
+        self.restart()
+
+    def restart(self) -> None:
+        self._start, self._spent = time.perf_counter(), {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._spent[name] = self._spent.get(name, 0.0) + time.perf_counter() - t0
+
+    def seconds(self) -> dict[str, float]:
+        return {"step": time.perf_counter() - self._start, **self._spent}
+
+
 class Trainer:
     """One RL run; every method is collective over all ranks.
 
@@ -85,8 +131,6 @@ class Trainer:
     """
 
     def __init__(self, cfg: RunConfig) -> None:
-        from megatron_rl.data import PromptSampler, apply_template, build_dataset, build_tokenizer
-
         self.cfg = cfg
         init_distributed(cfg.parallel, seed=cfg.train.seed)
         self.rank = dist.get_rank()
@@ -103,16 +147,23 @@ class Trainer:
         self.signals = run_state.StopSignals()
         self.reference: Any = None  # the initial policy, for the KL penalty (kl_coef > 0)
         self._engine_stale = True  # the engine starts from random weights
+        self.timer = _Timer()
+        self.reward_names, self.reward_weights = reward_columns(cfg)
+        if cfg.rollout.routing_replay:
+            self.actor.enable_routing_replay()
+        self.engines: list[Any] = []
         if self.rank == 0:
             train = build_dataset(cfg.data, "train")
             self.tokenizer = build_tokenizer(cfg.data, cfg.model.vocab_size, train)
             # One prompt per draw: the group sampler asks for as many as it needs (over-sampling).
             self.prompts = PromptSampler(train.records, 1, cfg.data.seed, cfg.data.shuffle)
-            self.encode = lambda rec: self.tokenizer.encode(
-                apply_template(cfg.data.chat_template, rec.prompt, self.tokenizer))
-            self.engines, self.sampler = self._rollout()
-            self.engine = self.engines[0]  # evaluation generates here
+            if cfg.rollout.load_dir is None:
+                self.engines = self._engines()
+                self.engine = self.engines[0]  # evaluation generates here
+                self.reward_computer = RewardComputer(cfg.rewards)
+                self.sampler = self._sampler(apply_template)
         self._restore()  # last: it restores the RNG that construction has drawn from
+        self._check_saved_rollouts()
 
     def _engines(self) -> list[Any]:
         """The rollout engines: the embedded one (colocated, the default), or a client per
@@ -135,28 +186,37 @@ class Trainer:
         return [TransformersEngine.from_model_config(self.cfg.model, tokenizer=self.tokenizer,
                                                      timeout_s=ro.call_timeout_s)]
 
-    def _rollout(self) -> tuple[list[Any], Any]:
-        from megatron_rl.rewards import RewardComputer
-        from megatron_rl.rollout.sampler import GroupSampler, reward_inputs
+    def _sampler(self, apply_template: Any) -> GroupSampler:
+        """The group sampler: prompts from the dataset, rewards from `self.reward`. It asks the
+        engines for their routed experts when replay needs them, and from the embedded engine
+        for every MoE model (they cost nothing there and give `routing/agreement`)."""
+        cfg = self.cfg
 
-        engines = self._engines()
-        rewards = RewardComputer(self.cfg.rewards)
+        def encode(rec: Any) -> list[int]:
+            return self.tokenizer.encode(apply_template(cfg.data.chat_template, rec.prompt,
+                                                        self.tokenizer))
 
-        def reward_fn(samples: list[Sample]) -> _Rewards:
-            batch = rewards(reward_inputs(samples))
-            total = [float(t) for t in batch.total]
-            alg = self.cfg.algorithm
-            if alg.overlong_penalty:  # DAPO's soft overlong punishment is part of the reward
-                lengths = torch.tensor([len(s.response_ids) for s in samples])
-                pen = overlong_penalty(lengths, alg.overlong_max_len, alg.overlong_cache_len)
-                total = [t + float(p) for t, p in zip(total, pen, strict=True)]
-            return _Rewards(total, {k: list(v) for k, v in batch.scores.items()})
+        experts = cfg.model.num_experts > 0 and (cfg.rollout.routing_replay
+                                                 or cfg.rollout.engine == "transformers")
+        return GroupSampler.from_config(
+            self.engines, cfg.rollout, cfg.algorithm,
+            lambda n: [self.prompts.next_batch()[0] for _ in range(n)], self.reward,
+            encode=encode, return_routed_experts=experts)
 
-        sampler = GroupSampler.from_config(engines, self.cfg.rollout, self.cfg.algorithm,
-                                           lambda n: [self.prompts.next_batch()[0]
-                                                      for _ in range(n)], reward_fn,
-                                           encode=self.encode)
-        return engines, sampler
+    def _check_saved_rollouts(self) -> None:
+        """Refuse a `rollout.save_dir` holding another run's rollouts (never overwrite them) and
+        an evaluation that `rollout.load_dir` (no engine) cannot run."""
+        ro = self.cfg.rollout
+        if ro.load_dir is not None and (self.cfg.train.eval_interval > 0
+                                        or self.cfg.eval.size != 0):
+            raise ValueError("rollout.load_dir trains from saved samples without an engine, so "
+                             "it cannot evaluate: set train.eval_interval=0 and eval.size=0")
+        if self.rank == 0 and ro.save_dir is not None:
+            later = [n for n in saved_steps(ro.save_dir) if n > self.step]
+            if later and self.resumed_from is None:
+                raise ValueError(f"rollout.save_dir: {ro.save_dir} already holds saved rollouts "
+                                 f"(step_{later[0]}.pt ...); choose an empty directory or "
+                                 "remove them")
 
     # ---- the loop ------------------------------------------------------------------------------
 
@@ -195,41 +255,39 @@ class Trainer:
         return history
 
     def train_step(self) -> dict[str, float]:
-        """One RL step; returns its metrics (on every rank)."""
-        start = time.perf_counter()
-        if self._engine_stale:
-            self.sync_weights()
-        samples, report = self.sample()
-        if not samples:  # every group's rewards agreed in all generation batches
-            self.step += 1
-            return {"actor/skipped": 1.0, "dynamic_sampling/gen_batches": report["gen_batches"],
-                    "dynamic_sampling/keep_ratio": 0.0, "throughput/step_seconds":
-                    time.perf_counter() - start}
-        parts = self.make_batch(samples)
-        mbs = [mb for part in parts for mb in part]
-        actor_start = time.perf_counter()
-        self.old_logprobs(mbs)
-        results = [self.actor.train_step(part, self.loss_fn(self.denominator(part)),
-                                         self.cfg.rollout.temperature) for part in parts]
-        result = merge_results(results)
-        actor_seconds = time.perf_counter() - actor_start
-        self.step += 1
-        for update in results:  # a skipped update never touched the weights
-            self.check_finite(update)
-        sync = self.sync_weights() if result.updated else {"seconds": 0.0, "bytes": 0.0}
-        box = [self.metrics(samples, report, result, sync, self.logprob_gap(mbs),
-                            {"step": time.perf_counter() - start, "actor": actor_seconds})]
-        dist.broadcast_object_list(box, src=0)  # rank 0 measured rollout and weight sync
-        return box[0]
+        """One RL step (docs/design.md section 3); returns its metrics (on every rank).
+
+        `sample` is DAPO's generation loop on rank 0: generate G responses per prompt, score
+        them (`reward`: the reward functions, then the overlong shaping column), and keep the
+        groups dynamic sampling finds informative, until the step is full."""
+        self.timer.restart()
+        self.sync_weights_if_stale()
+        samples, report = self.sample()                       # generate, reward, shape, filter
+        if not samples:                                       # no informative group at all
+            return self.skipped_step(report)
+        advantages = self.advantages(samples)                 # per group, from rewards [B, K]
+        updates = self.batch(samples, advantages)             # mini-batches of micro-batches
+        routing = self.old_logprobs(updates)                  # ratio denominators (+ KL ref)
+        result = self.update(updates)                         # one optimizer step each
+        sync = self.sync_weights() if result.updated else _NO_SYNC
+        return self.log_metrics(samples, report, result, sync, updates, routing)
 
     def sample(self) -> tuple[list[Sample], dict[str, float]]:
-        """Rank 0 generates and rewards a step's groups; every rank receives them."""
+        """Rank 0 generates, rewards and filters a step's groups (or reads the ones a run saved,
+        `rollout.load_dir`), saving them when `rollout.save_dir` is set; every rank receives
+        them."""
+        ro, step = self.cfg.rollout, self.step + 1
+
         def draw() -> tuple[list[Sample], dict[str, float]]:
+            if ro.load_dir is not None:
+                return load_rollouts(ro.load_dir, step)
             samples, report = self.sampler.sample()
-            return samples, {"gen_batches": report.gen_batches,
-                             "groups_seen": report.groups_seen,
-                             "groups_kept": report.groups_kept,
-                             "generate_seconds": report.generate_seconds}
+            summary = {"gen_batches": report.gen_batches, "groups_seen": report.groups_seen,
+                       "groups_kept": report.groups_kept,
+                       "generate_seconds": report.generate_seconds}
+            if ro.save_dir is not None:
+                save_rollouts(ro.save_dir, step, samples, summary)
+            return samples, summary
 
         return self._from_rank0(draw)
 
@@ -257,58 +315,78 @@ class Trainer:
         dist.broadcast_object_list(box, src=0, group=self._rank0_group)
         return box[0]
 
-    def make_batch(self, samples: list[Sample]) -> list[list[MicroBatch]]:
-        """Advantages over the whole step; then the step's samples in `algorithm.mini_batches`
-        contiguous mini-batches (one optimizer update each), and of each mini-batch this DP
-        rank's share as micro-batches. Splitting each mini-batch over the ranks (not the step,
-        then each rank's part into mini-batches) keeps every update on the same samples under
-        any DP size; every rank gets the same micro-batch count, padding rows masked out."""
-        alg, mbs_size = self.cfg.algorithm, self.cfg.actor.micro_batch_size
-        rewards = torch.tensor([s.reward for s in samples], dtype=torch.float64)
-        groups = torch.tensor([s.group for s in samples])
-        adv = compute_advantages(alg.advantage_estimator, rewards, groups, eps=alg.adv_eps)
-        advantages = adv.advantages.float()
-        rows = sample_rows(samples, self.cfg.actor.seq_length)
-        if alg.overlong_filter:
-            truncated = torch.tensor([s.truncated for s in samples])
-            rows["loss_mask"][truncated] = 0.0
-        dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-        n = len(samples)
-        k = max(1, min(alg.mini_batches, n))  # a dynamic-sampling step may come up short
-        parts = []
-        for start, end in itertools.pairwise([round(i * n / k) for i in range(k + 1)]):
-            per_rank = -(-(end - start) // (dp * mbs_size)) * mbs_size
-            order = start + torch.arange(dp_rank * per_rank, (dp_rank + 1) * per_rank)
-            real = order < end
-            idx = torch.where(real, order, torch.zeros_like(order))
-            local = {key: v[idx].clone() for key, v in rows.items()}
-            local["loss_mask"][~real] = 0.0  # padding rows: nothing to learn
-            parts.append(micro_batches(local, advantages[idx], mbs_size))
-        return parts
+    def reward(self, samples: list[Sample]) -> _Rewards:
+        """Score `samples` with every reward function; then shaping, the one place it applies:
+        DAPO's soft overlong punishment is one more column (`OVERLONG_COLUMN`, weight 1), so the
+        total and GDPO's per-reward normalisation both see it."""
+        from megatron_rl.rollout.sampler import reward_inputs
 
-    def denominator(self, mbs: list[MicroBatch]) -> torch.Tensor:
-        """The loss aggregation's denominator over `mbs` on every DP rank (all-reduced), so an
-        update's loss does not depend on how its samples are split over ranks."""
+        batch = self.reward_computer(reward_inputs(samples))
+        scores = {name: [float(x) for x in col] for name, col in batch.scores.items()}
         alg = self.cfg.algorithm
-        den = denominator(alg.loss_agg, [mb.loss_mask for mb in mbs], alg.loss_norm_len)
-        dist.all_reduce(den, group=ps.get_data_parallel_group())
-        return den
+        if alg.overlong_penalty:
+            lengths = torch.tensor([len(s.response_ids) for s in samples])
+            pen = overlong_penalty(lengths, alg.overlong_max_len, alg.overlong_cache_len)
+            scores[OVERLONG_COLUMN] = pen.double().tolist()
+        matrix = torch.tensor([scores[n] for n in self.reward_names], dtype=torch.float64).T
+        return _Rewards((matrix @ self.reward_weights).tolist(), scores)
 
-    def old_logprobs(self, mbs: list[MicroBatch]) -> None:
-        """Log-probs of the current (= sampling) weights, the ratio's denominator, and of the
-        reference policy when the KL penalty is on."""
+    def advantages(self, samples: list[Sample]) -> torch.Tensor:
+        """Advantages [B] over the whole step by `algorithm.advantage_estimator`, from the
+        per-column rewards [B, K] and their weights: GDPO normalises each column in its group;
+        every other estimator reads the weighted total."""
+        alg = self.cfg.algorithm
+        rewards = reward_matrix(samples, self.reward_names)
+        groups = torch.tensor([s.group for s in samples])
+        return compute_advantages(alg.advantage_estimator, rewards, groups, eps=alg.adv_eps,
+                                  weights=self.reward_weights).advantages
+
+    def batch(self, samples: list[Sample], advantages: torch.Tensor) -> list[list[MicroBatch]]:
+        """The step's typed batch (overlong filtering applied there), cut into
+        `algorithm.mini_batches` updates, each split over the data-parallel ranks."""
+        alg, actor = self.cfg.algorithm, self.cfg.actor
+        batch = build_batch(samples, reward_names=self.reward_names, weights=self.reward_weights,
+                            advantages=advantages, seq_length=actor.seq_length,
+                            mask_truncated=alg.overlong_filter)
+        return split_updates(batch, updates=alg.mini_batches,
+                             dp_size=ps.get_data_parallel_world_size(),
+                             dp_rank=ps.get_data_parallel_rank(),
+                             micro_batch_size=actor.micro_batch_size)
+
+    def old_logprobs(self, updates: list[list[MicroBatch]]) -> float:
+        """Log-probs of the sampling weights (the ratio's denominator), and of the reference
+        policy when the KL penalty is on; returns the routing agreement of that pass."""
         temperature = self.cfg.rollout.temperature
-        for mb, logp in zip(mbs, self.actor.logprobs(mbs, temperature), strict=True):
-            mb.extras["old_logprobs"] = logp
-        if self.reference is not None:
-            for mb, logp in zip(mbs, self.reference.logprobs(self.actor, mbs, temperature),
-                                strict=True):
-                mb.extras["ref_logprobs"] = logp
+        mbs = [mb for part in updates for mb in part]
+        with self.timer("actor"):
+            logprobs, agreement = self.actor.logprobs_and_routing(mbs, temperature)
+            for mb, logp in zip(mbs, logprobs, strict=True):
+                mb.old_logprobs = mb.extras["old_logprobs"] = logp  # TRANSITION
+            if self.reference is not None:
+                for mb, logp in zip(mbs, self.reference.logprobs(self.actor, mbs, temperature),
+                                    strict=True):
+                    mb.ref_logprobs = mb.extras["ref_logprobs"] = logp  # TRANSITION
+        return agreement
 
-    def loss_fn(self, den: torch.Tensor) -> LossFn:
-        """The policy loss over the step's global denominator. It always asks the actor for the
-        token entropy: the log-prob pass computes it anyway, and it is a standard metric."""
-        fn = policy_loss_fn(self.cfg.algorithm, den)
+    def update(self, updates: list[list[MicroBatch]]) -> StepResult:
+        """One optimizer step per mini-batch, each over its own global loss denominator."""
+        with self.timer("actor"):
+            results = [self.actor.train_step(part, self.loss_fn(part),
+                                             self.cfg.rollout.temperature) for part in updates]
+        self.step += 1
+        for result in results:  # a skipped update never touched the weights
+            self.check_finite(result)
+        return merge_results(results)
+
+    def loss_fn(self, mbs: list[MicroBatch]) -> LossFn:
+        """The policy loss over the aggregation's denominator of `mbs` on every DP rank, so an
+        update's loss does not depend on how its samples are split over ranks. It always asks
+        the actor for the token entropy: the log-prob pass computes it anyway, and it is a
+        standard metric."""
+        alg = self.cfg.algorithm
+        den = self.actor.dp_sum(denominator(alg.loss_agg, [mb.loss_mask for mb in mbs],
+                                            alg.loss_norm_len))
+        fn = policy_loss_fn(alg, den)
         fn.needs_entropy = True
         return fn
 
@@ -329,11 +407,20 @@ class Trainer:
                 f"Lower actor.lr (now {self.cfg.actor.lr:g}) or actor.clip_grad, and check the "
                 "data and rewards for NaN/inf")
 
+    def sync_weights_if_stale(self) -> None:
+        """Bring the engines to the actor's weights if an update or a load has not reached
+        them yet (the first step, a resume)."""
+        if self._engine_stale:
+            self.sync_weights()
+
     def sync_weights(self) -> dict[str, float]:
         """The actor's weights to the engine (collective; engine on rank 0)."""
         from megatron_rl.rollout.weight_sync import sync_weights
 
-        engines = self.engines if self.rank == 0 else []
+        if self.cfg.rollout.load_dir is not None:  # no engine to update
+            self._engine_stale = False
+            return dict(_NO_SYNC)
+        engines = self.engines
         bucket = self.cfg.rollout.weight_sync_bucket_mb * 2**20
         report = sync_weights(self.actor, engines, bucket)
         self._engine_stale = False
@@ -341,30 +428,45 @@ class Trainer:
 
     # ---- metrics -------------------------------------------------------------------------------
 
+    def log_metrics(self, samples: list[Sample], report: dict[str, float], result: StepResult,
+                    sync: dict[str, float], updates: list[list[MicroBatch]],
+                    routing: float) -> dict[str, float]:
+        """The step's metrics, the same on every rank (rank 0 measured rollout and sync)."""
+        mbs = [mb for part in updates for mb in part]
+        gap = self.logprob_gap(mbs)
+        box = [self.metrics(samples, report, result, sync, gap, routing, self.timer.seconds())]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def skipped_step(self, report: dict[str, float]) -> dict[str, float]:
+        """A step whose generation batches held no informative group: nothing to train."""
+        self.step += 1
+        return {"actor/skipped": 1.0, "dynamic_sampling/gen_batches": report["gen_batches"],
+                "dynamic_sampling/keep_ratio": 0.0,
+                "throughput/step_seconds": self.timer.seconds()["step"]}
+
     def logprob_gap(self, mbs: list[MicroBatch]) -> dict[str, float]:
         """|old log-prob (actor) - rollout log-prob (engine)| over the trained tokens of the
         whole step (all DP ranks): how far the engine samples from the policy being trained."""
         mask = torch.cat([mb.loss_mask for mb in mbs])
-        local = logprob_mismatch(torch.cat([mb.extras["old_logprobs"] for mb in mbs]),
-                                 torch.cat([mb.extras["rollout_logprobs"] for mb in mbs]), mask)
+        local = logprob_mismatch(torch.cat([mb.old_logprobs for mb in mbs]),
+                                 torch.cat([mb.rollout_logprobs for mb in mbs]), mask)
         mean_key, = (k for k in local if k.endswith("_mean"))
         max_key, = (k for k in local if k.endswith("_max"))
-        tokens, dev = float(mask.sum()), self.actor.device
-        sums = torch.tensor([local[mean_key] * tokens, tokens], dtype=torch.float64, device=dev)
-        peak = torch.tensor([local[max_key]], dtype=torch.float64, device=dev)
-        dist.all_reduce(sums, group=ps.get_data_parallel_group())
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
+        tokens = float(mask.sum())
+        sums = self.actor.dp_sum(torch.tensor([local[mean_key] * tokens, tokens],
+                                              dtype=torch.float64))
+        peak = self.actor.dp_max(torch.tensor([local[max_key]], dtype=torch.float64))
         return {mean_key: float(sums[0] / sums[1].clamp(min=1.0)), max_key: float(peak[0])}
 
     def metrics(self, samples: list[Sample], report: dict[str, float], result: StepResult,
-                sync: dict[str, float], gap: dict[str, float],
+                sync: dict[str, float], gap: dict[str, float], routing: float,
                 seconds: dict[str, float]) -> dict[str, float]:
-        """The step's scalars (DESIGN.md section 8), the same on every rank."""
+        """The step's scalars (docs/design.md section 8)."""
         first = self.cfg.rewards.functions[0].name  # the accuracy reward by convention
         correct = self.cfg.rewards.correct_reward
         hits = [s.rewards.get(first, s.reward) >= correct - 1e-6 for s in samples]
-        names = [f.name for f in self.cfg.rewards.functions]
-        columns = {n: [s.rewards.get(n, math.nan) for s in samples] for n in names}
+        columns = {n: [s.rewards.get(n, math.nan) for s in samples] for n in self.reward_names}
         lengths = [len(s.response_ids) for s in samples]
         stats = result.stats
         tokens = max(stats.get("tokens", 0.0), 1.0)
@@ -376,6 +478,7 @@ class Trainer:
             **response_stats(lengths, self.cfg.rollout.max_new_tokens),
             **reflection_frequency([s.response_text for s in samples]),
             **gap,
+            "routing/agreement": routing,
             "actor/loss": stats.get("loss", 0.0),
             "actor/entropy": stats.get("entropy_sum", math.nan) / tokens,
             "actor/clip_frac_low": stats.get("clip_low_tokens", 0.0) / tokens,

@@ -5,6 +5,7 @@ Process groups must exist before an `Actor` is built (`parallel.init_distributed
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -15,11 +16,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from megatron_rl.actor import checkpoint, compat
+from megatron_rl.actor import checkpoint, compat, replay
 from megatron_rl.actor.config import ActorConfig, ModelConfig, ParallelConfig
 from megatron_rl.actor.model import build_model, padded_vocab_size
 from megatron_rl.actor.step import LossFn, MicroBatch, StepShape, forward_backward, forward_logprobs
@@ -105,6 +107,15 @@ class Actor:
             wd_incr_steps=max(total_steps, 1),
             wd_incr_style="constant",
         )
+        self.replays_routing = False
+        """Routers use the engine's experts of micro-batches that carry them (R3)."""
+        replay.install_agreement(self)  # MoE: any forward can measure routing agreement
+
+    def enable_routing_replay(self) -> None:
+        """From now on every forward of a micro-batch carrying the engine's experts
+        (`MicroBatch.routed_experts`) routes its tokens to exactly those experts."""
+        replay.enable_routing_replay(self)
+        self.replays_routing = True
 
     def shape(self, seq_length: int, micro_batch_size: int, temperature: float = 1.0) -> StepShape:
         """The static shapes of a batch of micro-batches."""
@@ -119,9 +130,10 @@ class Actor:
             chunk.train()
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        stats = forward_backward(
-            self.model, microbatches, loss_fn, self.shape(mb0.shape[1], mb0.shape[0], temperature)
-        )
+        with replay.engine_routing(self, microbatches, replay=True) if self.replays_routing \
+                else contextlib.nullcontext():
+            stats = forward_backward(self.model, microbatches, loss_fn,
+                                     self.shape(mb0.shape[1], mb0.shape[0], temperature))
         grad_norm, nonfinite = self._optimizer_step(stats.get("loss", 0.0))
         if nonfinite is None:
             self.scheduler.step(increment=1)
@@ -161,12 +173,38 @@ class Actor:
         self, microbatches: Sequence[MicroBatch], temperature: float = 1.0
     ) -> list[torch.Tensor]:
         """Log-probs [b, s] of each micro-batch's labels under the current weights."""
+        return self.logprobs_and_routing(microbatches, temperature)[0]
+
+    def logprobs_and_routing(
+        self, microbatches: Sequence[MicroBatch], temperature: float = 1.0
+    ) -> tuple[list[torch.Tensor], float]:
+        """Log-probs [b, s] of each micro-batch's labels, and the routing agreement: the share
+        of (loss position, MoE layer) pairs, over all ranks, where the routers' own top-k set
+        equals the engine's (`MicroBatch.routed_experts`); NaN when there is nothing to compare.
+        With routing replay on, the forward uses the engine's experts."""
         for chunk in self.model:
             chunk.eval()
         mb0 = microbatches[0].tokens
-        return forward_logprobs(
-            self.model, microbatches, self.shape(mb0.shape[1], mb0.shape[0], temperature)
-        )
+        with replay.engine_routing(self, microbatches, self.replays_routing) as counts:
+            logprobs = forward_logprobs(
+                self.model, microbatches, self.shape(mb0.shape[1], mb0.shape[0], temperature)
+            )
+        counts = counts.to(self.device)
+        dist.all_reduce(counts)  # disjoint tokens or layers on every rank (SP slices, stages)
+        agreement = float(counts[0] / counts[1]) if counts[1] > 0 else math.nan
+        return logprobs, agreement
+
+    def dp_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` summed over the data-parallel ranks (a new tensor)."""
+        out = x.detach().to(self.device, copy=True)
+        dist.all_reduce(out, group=parallel_state.get_data_parallel_group())
+        return out.to(x.device)
+
+    def dp_max(self, x: torch.Tensor) -> torch.Tensor:
+        """Element-wise maximum of `x` over the data-parallel ranks (a new tensor)."""
+        out = x.detach().to(self.device, copy=True)
+        dist.all_reduce(out, op=dist.ReduceOp.MAX, group=parallel_state.get_data_parallel_group())
+        return out.to(x.device)
 
     @property
     def device(self) -> torch.device:

@@ -1,11 +1,17 @@
-"""Routing replay: make the actor's MoE routers use the experts the rollout engine chose.
+"""Routing replay (R3) and routing agreement: the actor's MoE routers and the engine's experts.
 
-Megatron-Core 0.16 has the mechanism (`megatron/core/transformer/moe/router_replay.py`): with
-`moe_enable_routing_replay` each `TopKRouter` owns a `RouterReplay`; in action REPLAY_FORWARD
-its top-k step takes `target_topk_idx` instead of computing one, and gathers the router's own
-scores at those indices, so gradients still flow into the router (R3, "Rollout Routing
-Replay"). Here we attach those objects to an already built actor, feed each router the target
-of every forward call in order (one per micro-batch), and capture what the routers chose.
+Megatron-Core 0.16 has the mechanism (`megatron/core/transformer/moe/router_replay.py`): each
+`TopKRouter` may own a `RouterReplay`; in action REPLAY_FORWARD its top-k step takes
+`target_topk_idx` instead of computing one, and gathers the router's own scores at those
+indices, so gradients still flow into the router (R3, "Rollout Routing Replay"). We give every
+router a `RouterReplay` that also keeps the experts the router itself would have chosen (one
+top-k over [N, E] scores, no second forward), so the same pass that replays the engine's
+experts measures how often the actor agrees with them (docs/design.md section 6).
+
+`engine_routing(actor, microbatches, replay)` drives both for a pass over micro-batches that
+carry the engine's experts (`MicroBatch.routed_experts`): each router is fed its target for
+every forward call in order (one per micro-batch), and agreement is counted on the positions
+whose log-prob enters the loss.
 
 Token order: a Megatron router sees its micro-batch as [s, b] flattened (token s * b + j), and
 with sequence parallelism only its TP rank's slice of s. Engine experts come per sample as
@@ -23,6 +29,27 @@ import torch
 from megatron.core import parallel_state as ps
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
+
+
+class AgreementRouterReplay(RouterReplay):
+    """Megatron's `RouterReplay` that also records the router's own top-k [N, K] whenever an
+    action is set (RECORD or REPLAY_FORWARD), in `own_topk`; without an action it is inert."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.own_topk: torch.Tensor | None = None
+
+    def get_replay_topk(self, scores, topk, num_groups=None, group_topk=None,
+                        default_compute_topk=None):  # noqa: ANN001, ANN201 - Megatron's API
+        if self.router_replay_action is None:
+            return default_compute_topk(scores, topk, num_groups, group_topk)
+        probs, own = default_compute_topk(scores, topk, num_groups=num_groups,
+                                          group_topk=group_topk)
+        self.own_topk = own.detach()
+        if self.router_replay_action == RouterReplayAction.RECORD:
+            return probs, own
+        return super().get_replay_topk(scores, topk, num_groups, group_topk,
+                                       default_compute_topk)
 
 
 def moe_routers(actor: Any) -> list[tuple[int, TopKRouter]]:
@@ -48,12 +75,18 @@ def enable_routing_replay(actor: Any) -> None:
     if ps.get_context_parallel_world_size() > 1:
         raise ValueError("routing replay with parallel.cp > 1 is not supported")
     actor.config.moe_enable_routing_replay = True
+    install_agreement(actor)
+
+
+def install_agreement(actor: Any) -> None:
+    """Give every MoE router of the actor an `AgreementRouterReplay` (inert until an action is
+    set): what lets any forward measure routing agreement, replay on or off."""
     for _, router in moe_routers(actor):
-        if router.router_replay is None:
-            router.router_replay = RouterReplay()
+        if not isinstance(router.router_replay, AgreementRouterReplay):
+            router.router_replay = AgreementRouterReplay()
 
 
-def router_order(experts: Sequence[torch.Tensor], seq_len: int,
+def router_order(experts: Sequence[torch.Tensor] | torch.Tensor, seq_len: int,
                  sequence_parallel: bool = False) -> torch.Tensor:
     """Per-sample experts [T_j, L, K] of one micro-batch -> [L, s * b, K] in Megatron's token
     order, cut to this rank's slice when `sequence_parallel` (the actor's
@@ -147,3 +180,73 @@ def routing_agreement(engine_experts: torch.Tensor, actor_experts: torch.Tensor,
     if mask is not None:
         per_token = per_token[:, mask.bool()]
     return per_token.mean(-1).tolist()
+
+
+def _to_router_order(x_bs: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
+    """[b, s, ...] -> [s * b, ...] in Megatron's token order, this TP rank's slice under SP."""
+    sb = x_bs.transpose(0, 1)
+    tp = ps.get_tensor_model_parallel_world_size()
+    if tp > 1 and sequence_parallel:
+        r, chunk = ps.get_tensor_model_parallel_rank(), sb.shape[0] // tp
+        sb = sb[r * chunk : (r + 1) * chunk]
+    return sb.reshape(-1, *sb.shape[2:])
+
+
+@contextmanager
+def engine_routing(actor: Any, microbatches: Sequence[Any], replay: bool
+                   ) -> Iterator[torch.Tensor]:
+    """A pass over `microbatches` (each with `routed_experts` [b, s, L, K] and `loss_mask`):
+    with `replay` every router uses the engine's experts; either way the block yields a
+    float64 tensor [2] that holds, on exit, (positions x MoE layers where the router's own
+    top-k set equals the engine's, positions x MoE layers counted) over this rank's loss
+    positions. Inert (yields zeros) when the model has no router or a micro-batch lacks
+    engine experts."""
+    counts = torch.zeros(2, dtype=torch.float64)
+    routers = moe_routers(actor)
+    if not routers or any(mb.routed_experts is None for mb in microbatches):
+        yield counts
+        return
+    if replay and actor.actor_cfg.recompute != "none":
+        raise ValueError("routing replay with actor.recompute != none is not supported")
+    sp = bool(actor.config.sequence_parallel)
+    targets = [_to_router_order(mb.routed_experts, sp) for mb in microbatches]  # [N, L, K]
+    masks = [_to_router_order(mb.loss_mask, sp) != 0 for mb in microbatches]  # [N]
+    action = RouterReplayAction.REPLAY_FORWARD if replay else RouterReplayAction.RECORD
+    handles = []
+    for layer, router in routers:
+        calls = {"pre": 0, "post": 0}
+
+        def pre(_module, args, layer=layer, router=router, calls=calls) -> None:
+            i = calls["pre"]
+            calls["pre"] += 1
+            if i >= len(targets):
+                raise RuntimeError(f"routing replay: MoE layer {layer} ran more forwards than "
+                                   f"the {len(targets)} micro-batches given")
+            tokens = args[0].shape[0] * args[0].shape[1]
+            if targets[i].shape[0] != tokens:
+                raise ValueError(f"routing replay: MoE layer {layer} sees {tokens} tokens but "
+                                 f"the engine's experts cover {targets[i].shape[0]}")
+            router.router_replay.clear_indices()
+            router.router_replay.set_target_indices(targets[i][:, layer])
+            router.router_replay.set_router_replay_action(action)
+
+        def post(_module, _args, _output, layer=layer, router=router, calls=calls) -> None:
+            i = calls["post"]
+            calls["post"] += 1
+            own = router.router_replay.own_topk.sort(-1).values
+            engine = targets[i][:, layer].to(own.device).sort(-1).values
+            same = (own == engine).all(-1)[masks[i].to(own.device)]
+            counts[0] += float(same.sum())
+            counts[1] += float(same.numel())
+
+        handles.append(router.register_forward_pre_hook(pre))
+        handles.append(router.register_forward_hook(post))
+    try:
+        yield counts
+    finally:
+        for h in handles:
+            h.remove()
+        for _, router in routers:
+            router.router_replay.clear_indices()
+            router.router_replay.clear_router_replay_action()
+            router.router_replay.own_topk = None

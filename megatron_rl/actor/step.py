@@ -35,8 +35,21 @@ class MicroBatch:
     """1.0 where the token counts in the loss [b, s] (float32)."""
     position_ids: torch.Tensor | None = None
     """Positions [b, s]; None = 0..s-1 for every row."""
+    advantages: torch.Tensor | None = None
+    """Advantage per row [b] or per token [b, s] (RL losses)."""
+    old_logprobs: torch.Tensor | None = None
+    """Log-probs of the sampling policy [b, s]: the ratio's denominator."""
+    rollout_logprobs: torch.Tensor | None = None
+    """The engine's log-probs [b, s] (truncated importance sampling, mismatch metrics)."""
+    ref_logprobs: torch.Tensor | None = None
+    """Log-probs of the KL reference policy [b, s]."""
+    entropy: torch.Tensor | None = None
+    """Token entropy [b, s], filled in by the forward step for a loss with `needs_entropy`."""
+    routed_experts: torch.Tensor | None = None
+    """Experts the engine chose per position [b, s, L, E] (L = MoE layers of the whole model):
+    replayed by the routers when routing replay is on, compared with theirs otherwise."""
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
-    """Per-token or per-sequence tensors for the loss (advantages, old log-probs, ...)."""
+    """Further per-token or per-sequence tensors for a custom loss."""
 
     def positions(self) -> torch.Tensor:
         if self.position_ids is not None:
@@ -87,7 +100,8 @@ def _forward_step(
         if getattr(loss_fn, "needs_entropy", False):  # entropy bonus: one pass gives both
             logprobs, entropy = token_logprobs_and_entropy(
                 logits_bsv, mb.labels, shape.vocab_size, shape.temperature)
-            batch = dataclasses.replace(mb, extras={**mb.extras, "entropy": entropy})
+            batch = dataclasses.replace(mb, entropy=entropy,
+                                        extras={**mb.extras, "entropy": entropy})
         else:
             logprobs = token_logprobs(logits_bsv, mb.labels, shape.vocab_size, shape.temperature)
         if loss_fn is None:  # forward only: hand back the log-probs

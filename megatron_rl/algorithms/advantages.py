@@ -150,6 +150,10 @@ ADVANTAGES: dict[str, AdvantageFn] = {
 }
 """The one registry of advantage estimators, keyed by `AlgorithmConfig.advantage_estimator`."""
 
+PER_REWARD_ESTIMATORS = frozenset({"gdpo"})
+"""Estimators that normalise each reward column on its own: dynamic sampling keeps a group
+when any column varies in it (`dynamic_sampling.informative_mask` with rewards [B, K])."""
+
 
 def compute_advantages(estimator: str, rewards: torch.Tensor, group_ids: torch.Tensor,
                        eps: float = 1e-6, weights: torch.Tensor | None = None) -> GroupAdvantages:

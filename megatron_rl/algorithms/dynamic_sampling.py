@@ -17,19 +17,25 @@ T = TypeVar("T")
 
 
 def informative_mask(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
-    """Bool [B]: the sample's group has reward std > 0 (max != min; singletons are dropped)."""
+    """Bool [B]: the sample's group carries a learning signal. Rewards [B]: the group's reward
+    std > 0 (max != min). Rewards [B, K] (several rewards, GDPO): any column varies within the
+    group, since GDPO normalises each reward on its own and a column that varies gives nonzero
+    advantages even when the totals tie. Singletons are never informative."""
     rewards = torch.as_tensor(rewards)
     group_ids = torch.as_tensor(group_ids)
     check_nonempty("rewards", rewards)
-    check_ndim("rewards", rewards, 1, "[B]")
-    check_shape("group_ids", group_ids, tuple(rewards.shape), "rewards")
+    if rewards.dim() == 1:
+        rewards = rewards[:, None]
+    check_ndim("rewards", rewards, 2, "[B] or [B, K]")
+    check_shape("group_ids", group_ids, tuple(rewards.shape[:1]), "rewards [B]")
     check_finite("rewards", rewards)
     _, index = torch.unique(group_ids, return_inverse=True)
-    n = int(index.max()) + 1
+    n, k = int(index.max()) + 1, rewards.shape[1]
     r = rewards.to(torch.float64)
-    hi = r.new_full((n,), -torch.inf).scatter_reduce(0, index, r, "amax")
-    lo = r.new_full((n,), torch.inf).scatter_reduce(0, index, r, "amin")
-    return (hi > lo)[index]
+    idx = index[:, None].expand(-1, k)
+    hi = r.new_full((n, k), -torch.inf).scatter_reduce(0, idx, r, "amax")
+    lo = r.new_full((n, k), torch.inf).scatter_reduce(0, idx, r, "amin")
+    return (hi > lo).any(-1)[index]
 
 
 @dataclass
@@ -78,8 +84,9 @@ class DynamicSamplingBuffer(Generic[T]):
                 and self._report.gen_batches < self.max_gen_batches)
 
     def add(self, samples: Sequence[T], rewards: torch.Tensor, group_ids: torch.Tensor) -> None:
-        """Add one generation batch: samples [B] with rewards [B] and group ids [B] (ids only
-        need to be unique within this batch). Groups keep their order of first appearance."""
+        """Add one generation batch: samples [B] with rewards [B] (or [B, K], see
+        `informative_mask`) and group ids [B] (ids only need to be unique within this batch).
+        Groups keep their order of first appearance."""
         if len(samples) != len(rewards):
             raise ValueError(f"{len(samples)} samples but {len(rewards)} rewards")
         keep = informative_mask(rewards, group_ids)
