@@ -2,16 +2,17 @@
 
     cfg = load_config("configs/tiny_moe_cpu.yaml", ["parallel.tp=2"], world_size=2)
 
-YAML file -> dict -> dotted overrides -> typed frozen dataclasses -> each section's `validate()`
--> cross-section checks against the world size, which also fill in derived values (parallel.dp,
-the overlong lengths) so the returned config is explicit. Sections live next to the component
-that owns them; this module only composes and loads.
+YAML file -> dict -> dotted overrides -> typed frozen sections (`configurable.from_dict`: each
+section is type-checked and runs its own `validate()` as it is built) -> cross-section checks
+against the world size, which also fill in derived values (parallel.dp, the overlong lengths) so
+the returned config is explicit. Sections live next to the component that owns them; this module
+only composes and loads.
 """
 
 import dataclasses
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,8 @@ from megatron_rl.configurable import (
     from_dict,
     one_of,
     require,
+    section,
     to_dict,
-    validate_tree,
     yaml_load,
 )
 from megatron_rl.data.config import DataConfig
@@ -47,7 +48,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, kw_only=True)
+@section
 class TrainConfig:
     """The outer RL loop: length, seed, evaluation cadence, output location."""
 
@@ -68,7 +69,7 @@ class TrainConfig:
         require(bool(self.output_dir.strip()), "output_dir", "is empty", "give a directory path")
 
 
-@dataclass(frozen=True, kw_only=True)
+@section
 class RunConfig:
     """Everything one run needs, one section per component."""
 
@@ -121,7 +122,6 @@ def load_config(
     cfg = from_dict(RunConfig, data)
     if model is not None:
         cfg = dataclasses.replace(cfg, model=model)
-    validate_tree(cfg)
     return resolve(cfg, _world_size(world_size))
 
 

@@ -1,36 +1,53 @@
-"""Typed configuration machinery: frozen dataclasses built from plain dicts (YAML).
+"""Typed configuration machinery: config sections as strict pydantic dataclasses.
 
 Every section of the run config is a keyword-only frozen dataclass owned by the component that
-uses it. This module turns a nested dict (from YAML plus dotted overrides) into those dataclasses,
-type-checking each value against its field annotation, and gives sections small helpers so every
-error reads the same, on one line:
+uses it, declared with `@section`. That makes it a pydantic dataclass in strict mode with unknown
+keys forbidden, so pydantic does the type checking (int is accepted for float and stored as a
+float; bool is never an int or a float; no string is parsed into a number), and it adds what is
+ours, for configs built from YAML and in Python alike:
+
+* a section's `PRESETS` table fills the fields the caller did not pass (`preset="dapo"`);
+* a section's `validate()` (field-level range checks) runs on every construction, including
+  `dataclasses.replace`;
+* every error is one `ConfigError` line naming the dotted key, with close-match suggestions for
+  unknown keys:
 
     config error: <dotted.key>: <what is wrong>; <allowed values / fix>
 
-It imports only the standard library and PyYAML, so configs can be loaded without torch.
+`from_dict` builds a section tree from nested dicts (YAML plus dotted `a.b.c=value` overrides,
+see `apply_overrides`), building nested sections itself because pydantic's strict dataclasses
+accept only instances for nested dataclass fields, and prefixing errors with the full path.
+
+It imports only the standard library, PyYAML and pydantic, so configs load without torch.
 """
 
 import copy
 import dataclasses
 import difflib
+import functools
 import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal, TypeVar, Union
 
+import pydantic
+import pydantic.dataclasses
 import yaml
 
 T = TypeVar("T")
 
 _MISSING = dataclasses.MISSING
 
+SECTION_CONFIG = pydantic.ConfigDict(strict=True, extra="forbid")
+"""pydantic settings of every section: strict types, unknown keys refused."""
+
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown, mistyped or inconsistent.
 
-    `key` is the dotted key the message names (empty when built from a bare message); the loader
-    uses it to prefix section names onto errors raised by a section's own `validate()`.
+    `key` is the dotted key the message names (empty when built from a bare message); `from_dict`
+    uses it to prefix section paths onto errors raised while building a nested section.
     """
 
     def __init__(self, message: str, key: str = "", problem: str = "", fix: str = "") -> None:
@@ -45,8 +62,7 @@ class ConfigError(ValueError):
             return self
         if not self.key:  # built from a bare message: keep it whole
             return config_error(prefix, str(self).removeprefix("config error: "))
-        key = f"{prefix}.{self.key}" if self.key else prefix
-        return config_error(key, self.problem, self.fix)
+        return config_error(f"{prefix}.{self.key}", self.problem, self.fix)
 
 
 def config_error(key: str, problem: str, fix: str = "") -> ConfigError:
@@ -117,12 +133,78 @@ def yaml_load(text: str) -> Any:
 
 
 # --------------------------------------------------------------------------------------------
-# Type names and value checking
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+def section(cls: type[T]) -> type[T]:
+    """Make `cls` a config section: a frozen, keyword-only, strict pydantic dataclass.
+
+    On every construction (keywords, `from_dict`, `dataclasses.replace`): `cls.PRESETS[preset]`
+    (when the class has a `PRESETS` table and the caller passed `preset`) fills the fields the
+    caller did not pass; pydantic checks the types; `cls.validate()` (if defined) checks ranges.
+    Any failure is a one-line `ConfigError` naming the field. `dataclasses.replace` passes every
+    field, so it re-validates without re-applying a preset over the values already there.
+    """
+    if "__post_init__" in vars(cls):
+        raise TypeError(f"{cls.__name__}: sections check themselves in validate(), "
+                        "not __post_init__")
+
+    def __post_init__(self: Any) -> None:
+        validate = getattr(self, "validate", None)
+        if validate is not None:
+            validate()
+
+    cls.__post_init__ = __post_init__  # type: ignore[attr-defined]
+    built = pydantic.dataclasses.dataclass(cls, frozen=True, kw_only=True,
+                                           config=SECTION_CONFIG)
+    pydantic_init = built.__init__
+
+    @functools.wraps(pydantic_init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        kwargs = _with_preset(type(self), kwargs)
+        try:
+            pydantic_init(self, *args, **kwargs)
+        except pydantic.ValidationError as err:
+            raise _config_error_of(type(self), err, kwargs) from None
+
+    built.__init__ = __init__  # type: ignore[method-assign]
+    return typing.cast(type[T], built)
+
+
+def is_section(tp: Any) -> bool:
+    """Whether `tp` is a config section class (a dataclass, in practice one made by `section`)."""
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _with_preset(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`kwargs` with `cls.PRESETS[kwargs['preset']]` merged *under* them, so given keys win.
+
+    An unknown preset name is left for pydantic to refuse (with the allowed names).
+    """
+    presets = getattr(cls, "PRESETS", None)
+    name = kwargs.get("preset")
+    if not presets or not isinstance(name, str) or name not in presets:
+        return kwargs
+    return {**presets[name], **kwargs}
+
+
+# --------------------------------------------------------------------------------------------
+# pydantic errors -> one-line ConfigErrors
 # --------------------------------------------------------------------------------------------
 
 
 def _is_union(tp: Any) -> bool:
     return typing.get_origin(tp) in (Union, types.UnionType)
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    """`X` for `X | None`; anything else unchanged."""
+    if _is_union(tp):
+        options = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(options) == 1:
+            return options[0]
+    return tp
 
 
 def type_name(tp: Any) -> str:
@@ -141,8 +223,8 @@ def type_name(tp: Any) -> str:
     if origin is dict:
         k, v = typing.get_args(tp)
         return f"dict[{type_name(k)}, {type_name(v)}]"
-    if dataclasses.is_dataclass(tp):
-        return "a mapping"
+    if is_section(tp):
+        return "mapping"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -158,84 +240,68 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {text}"
 
 
-def _type_error(key: str, value: Any, tp: Any) -> ConfigError:
+def _locate(cls: type, loc: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[str, Any, Any]:
+    """(dotted key, annotation, value) that pydantic error location `loc` points at.
+
+    Follows list indices (`k[1]`) and dict keys (`task_kwargs.x`) below the field; stops at a
+    union (pydantic then reports each member; we report the union as a whole).
+    """
+    name = str(loc[0])
+    key, tp, value = name, typing.get_type_hints(cls).get(name, Any), kwargs.get(name)
+    rest = list(loc[1:])
+    while rest:
+        inner = _unwrap_optional(tp)
+        origin = typing.get_origin(inner)
+        part = rest.pop(0)
+        if origin is list and isinstance(part, int) and isinstance(value, list):
+            key, tp, value = f"{key}[{part}]", typing.get_args(inner)[0], value[part]
+        elif origin is dict and isinstance(value, Mapping) and part in value:
+            key_tp, item_tp = typing.get_args(inner)
+            if rest[:1] == ["[key]"]:
+                return f"{key} (key {part!r})", key_tp, part
+            key, tp, value = f"{key}.{part}", item_tp, value[part]
+        else:
+            break
+    return key, tp, value
+
+
+def _config_error_of(cls: type, err: pydantic.ValidationError,
+                     kwargs: Mapping[str, Any]) -> ConfigError:
+    """The first error pydantic found building `cls(**kwargs)`, as a one-line ConfigError."""
+    first = err.errors(include_url=False)[0]
+    kind, loc, ctx = first["type"], first["loc"], first.get("ctx") or {}
+    if isinstance(ctx.get("error"), ConfigError):  # raised by the section's validate()
+        return ctx["error"]
+    if not loc:
+        return config_error(cls.__name__, first["msg"])
+    if kind == "unexpected_keyword_argument":
+        return _unknown_key(str(loc[0]), str(loc[0]), field_names(cls), "")
+    key, tp, value = _locate(cls, loc, kwargs)
+    if kind in ("missing", "missing_argument", "missing_keyword_only_argument"):
+        return config_error(key, "missing required key", f"expected {type_name(tp)}")
+    allowed = typing.get_args(_unwrap_optional(tp))
+    if kind == "literal_error" and typing.get_origin(_unwrap_optional(tp)) is Literal:
+        names = [_fmt_literal(a) for a in allowed]
+        if _unwrap_optional(tp) is not tp:
+            names.append("null")
+        return config_error(key, f"{value!r} is not allowed", "allowed values: " + ", ".join(names))
+    if kind == "dataclass_exact_type":
+        return config_error(key, f"got {_describe(value)}",
+                            f"expected a {ctx.get('class_name', 'section')} instance "
+                            "(from_dict builds one from a mapping)")
     return config_error(key, f"got {_describe(value)}", f"expected {type_name(tp)}")
 
 
-def check_value(value: Any, tp: Any, key: str) -> Any:
-    """Return `value` checked (and lightly converted) against annotation `tp`.
-
-    int is accepted for float (converted); bool is never accepted as int or float; nested
-    dataclasses are built from mappings. Raises ConfigError naming `key` otherwise.
-    """
-    if tp is Any:
-        return copy.deepcopy(value)
-    if _is_union(tp):
-        return _check_union(value, tp, key)
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        allowed = typing.get_args(tp)
-        if any(type(value) is type(a) and value == a for a in allowed):
-            return value
-        raise config_error(key, f"{value!r} is not allowed",
-                           "allowed values: " + ", ".join(_fmt_literal(a) for a in allowed))
-    if origin is list:
-        if not isinstance(value, list | tuple):
-            raise _type_error(key, value, tp)
-        (item_tp,) = typing.get_args(tp)
-        return [check_value(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise _type_error(key, value, tp)
-        key_tp, item_tp = typing.get_args(tp)
-        return {check_value(k, key_tp, f"{key} (key)"): check_value(v, item_tp, f"{key}.{k}")
-                for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        return from_dict(tp, value, key)
-    return _check_scalar(value, tp, key)
-
-
-def _check_union(value: Any, tp: Any, key: str) -> Any:
-    args = typing.get_args(tp)
-    if value is None and type(None) in args:
-        return None
-    options = [a for a in args if a is not type(None)]
-    if len(options) == 1:  # X | None: report X's own message (e.g. the allowed Literal values)
-        try:
-            return check_value(value, options[0], key)
-        except ConfigError as err:
-            if typing.get_origin(options[0]) is not Literal or err.key != key:
-                raise
-            raise config_error(key, err.problem, f"{err.fix}, null") from None
-    for option in options:
-        try:
-            return check_value(value, option, key)
-        except ConfigError:
-            continue
-    raise _type_error(key, value, tp)
-
-
-def _check_scalar(value: Any, tp: Any, key: str) -> Any:
-    if tp is bool:
-        ok = isinstance(value, bool)
-    elif tp is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif tp is float:
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif tp is str:
-        ok = isinstance(value, str)
-    else:
-        ok = isinstance(value, tp)
-    if not ok:
-        raise _type_error(key, value, tp)
-    return value
+def _unknown_key(key: str, name: str, valid: Iterable[str], section: str) -> ConfigError:
+    valid = sorted(valid)
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    where = f" of {section}" if section else ""
+    return config_error(key, "unknown key", f"{hint}valid keys{where}: {', '.join(valid)}")
 
 
 # --------------------------------------------------------------------------------------------
-# Building dataclasses from dicts
+# Building sections from dicts, and back
 # --------------------------------------------------------------------------------------------
 
 
@@ -243,51 +309,49 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _unknown_key(key: str, name: str, valid: Iterable[str], section: str) -> ConfigError:
-    valid = sorted(valid)
-    close = difflib.get_close_matches(name, valid, n=1)
-    hint = f"did you mean '{close[0]}'? " if close else ""
-    where = f"of {section}" if section else "at the top level"
-    return config_error(key, "unknown key", f"{hint}valid keys {where}: {', '.join(valid)}")
-
-
-def _apply_preset(cls: type, data: dict[str, Any], hints: dict[str, Any], prefix: str) -> dict:
-    """Merge `cls.PRESETS[data['preset']]` *under* `data`, so keys the user gave win.
-
-    A section opts in by declaring a `preset` field and a `PRESETS: ClassVar[dict[str, dict]]`
-    table; keys absent from `data` (not given in YAML or overrides) take the preset's values.
-    """
-    presets = getattr(cls, "PRESETS", None)
-    if not presets or data.get("preset") is None:
-        return data
-    name = check_value(data["preset"], hints["preset"], _join(prefix, "preset"))
-    return {**presets.get(name, {}), **data}
-
-
 def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
-    """Build dataclass `cls` from a mapping, type-checking every value; keys absent use defaults.
+    """Build section `cls` from a mapping; keys absent take the preset's or the defaults.
 
-    Unknown keys fail naming the full dotted key (`prefix.key`) and listing the valid keys.
+    Nested sections (and lists or dicts of them) are built from their mappings first; then the
+    section is constructed, so pydantic checks every value and `validate()` runs. Errors name the
+    full dotted key (`prefix.key`); unknown keys also list the valid keys.
     """
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
         raise config_error(prefix or "<root>", f"got {_describe(data)}",
                            f"expected a mapping with keys: {', '.join(field_names(cls))}")
+    names = field_names(cls)
     hints = typing.get_type_hints(cls)
-    data = _apply_preset(cls, dict(data), hints, prefix)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    for name in data:
-        if name not in fields:
-            raise _unknown_key(_join(prefix, str(name)), str(name), fields, prefix)
-    kwargs = {}
-    for name, field in fields.items():
-        key = _join(prefix, name)
-        if name in data:
-            kwargs[name] = check_value(data[name], hints[name], key)
-        elif field.default is _MISSING and field.default_factory is _MISSING:
-            raise config_error(key, "missing required key", f"set {key} ({type_name(hints[name])})")
-    return cls(**kwargs)
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        if name not in names:
+            raise _unknown_key(_join(prefix, str(name)), str(name), names, prefix)
+        kwargs[name] = _build(value, hints[name], _join(prefix, name))
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        raise err.with_prefix(prefix) from None
+
+
+def _build(value: Any, tp: Any, key: str) -> Any:
+    """`value` with the mappings that stand for sections in annotation `tp` built into them
+    (and tuples for lists made lists, as YAML never gives them); other values are left for
+    pydantic to check."""
+    tp = _unwrap_optional(tp)
+    origin = typing.get_origin(tp)
+    if is_section(tp) and isinstance(value, Mapping):
+        return from_dict(tp, value, key)
+    if is_section(tp) and value is not None and not isinstance(value, tp):
+        raise config_error(key, f"got {_describe(value)}",
+                           f"expected a mapping with keys: {', '.join(field_names(tp))}")
+    if origin is list and isinstance(value, list | tuple):
+        (item_tp,) = typing.get_args(tp)
+        return [_build(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict and isinstance(value, Mapping):
+        item_tp = typing.get_args(tp)[1]
+        return {k: _build(v, item_tp, f"{key}.{k}") for k, v in value.items()}
+    return value
 
 
 def field_names(cls: type) -> list[str]:
@@ -306,27 +370,25 @@ def to_dict(obj: Any) -> Any:
     return copy.deepcopy(obj)
 
 
-def validate_tree(obj: Any, prefix: str = "") -> None:
-    """Call `validate()` on `obj` and every nested section, prefixing error keys with their path.
+def walk_fields(cls: type, prefix: str = "") -> list[tuple[str, type, str]]:
+    """(dotted key, owning section, field name) of every leaf field below section `cls`.
 
-    Sections raise errors keyed by their own field names (`num_layers`); this walk turns them into
-    full dotted keys (`model.num_layers`, `rewards.functions[0].name`).
+    Lists and dicts of sections appear once, as `key[]` (`rewards.functions[].weight`).
     """
-    if not (dataclasses.is_dataclass(obj) and not isinstance(obj, type)):
-        return
-    for field in dataclasses.fields(obj):
-        value = getattr(obj, field.name)
-        if isinstance(value, list):
-            for i, item in enumerate(value):
-                validate_tree(item, _join(prefix, f"{field.name}[{i}]"))
+    out: list[tuple[str, type, str]] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = _unwrap_optional(hints[f.name])
+        origin = typing.get_origin(tp)
+        item = (typing.get_args(tp)[0] if origin is list else typing.get_args(tp)[1]
+                if origin is dict else None)
+        if is_section(tp):
+            out += walk_fields(tp, _join(prefix, f.name))
+        elif item is not None and is_section(item):
+            out += walk_fields(item, _join(prefix, f.name) + "[]")
         else:
-            validate_tree(value, _join(prefix, field.name))
-    validate = getattr(obj, "validate", None)
-    if validate is not None:
-        try:
-            validate()
-        except ConfigError as err:
-            raise err.with_prefix(prefix) from None
+            out.append((_join(prefix, f.name), cls, f.name))
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -348,18 +410,10 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise config_error(path, problem, "quote strings or write [a, b] for lists") from None
 
 
-def _unwrap_optional(tp: Any) -> Any:
-    if _is_union(tp):
-        options = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(options) == 1:
-            return options[0]
-    return tp
-
-
 def _step(cls_or_tp: Any, node: Any, part: str, key: str, parent: str) -> tuple[Any, Any]:
     """Resolve one path segment: return (the child's annotation, the child container key)."""
     tp = _unwrap_optional(cls_or_tp)
-    if dataclasses.is_dataclass(tp):
+    if is_section(tp):
         hints = typing.get_type_hints(tp)
         if part not in field_names(tp):
             raise _unknown_key(key, part, field_names(tp), parent)
@@ -383,7 +437,7 @@ def _step(cls_or_tp: Any, node: Any, part: str, key: str, parent: str) -> tuple[
 def _empty_child(owner: Any, name: str, tp: Any) -> Any:
     """Container to create for a missing path segment: {} for sections and dicts (so presets
     still see which keys were given), the field's default items for lists (so `.0.` indexes)."""
-    if typing.get_origin(_unwrap_optional(tp)) is not list or not dataclasses.is_dataclass(owner):
+    if typing.get_origin(_unwrap_optional(tp)) is not list or not is_section(owner):
         return {}
     field = next(f for f in dataclasses.fields(owner) if f.name == name)
     if field.default_factory is not _MISSING:
@@ -396,7 +450,7 @@ def set_dotted(cls: type, data: dict[str, Any], path: str, value: Any) -> None:
 
     Missing intermediate sections are created empty; list items are addressed by index
     (`rewards.functions.0.weight`). Unknown segments fail naming the dotted key and listing
-    the valid keys. Value types are checked later, by `from_dict`.
+    the valid keys. Value types are checked later, when `from_dict` builds the sections.
     """
     parts = path.split(".")
     tp: Any = cls
@@ -424,3 +478,4 @@ def apply_overrides(cls: type, data: Mapping[str, Any], overrides: Iterable[str]
         path, value = parse_override(text)
         set_dotted(cls, out, path, value)
     return out
+

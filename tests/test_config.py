@@ -14,7 +14,7 @@ from megatron_rl.config import (
     load_config,
     to_dict,
 )
-from megatron_rl.configurable import apply_overrides, from_dict, validate_tree
+from megatron_rl.configurable import apply_overrides, from_dict
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny_moe_cpu.yaml")
 
@@ -305,7 +305,11 @@ def test_dump_then_load_gives_equal_config(tmp_path: Path) -> None:
     assert to_dict(again) == to_dict(cfg)
 
 
-def test_section_errors_are_prefixed_by_validate_tree() -> None:
-    cfg = RunConfig(model=ModelConfig(num_layers=0))
+def test_section_errors_name_the_full_dotted_key() -> None:
+    """A section checks itself as it is built; from_dict puts the section path in front."""
+    with pytest.raises(ConfigError, match=r"^config error: num_layers: must be > 0"):
+        ModelConfig(num_layers=0)
     with pytest.raises(ConfigError, match=r"^config error: model\.num_layers: must be > 0"):
-        validate_tree(cfg)
+        from_dict(RunConfig, {"model": {"num_layers": 0}})
+    with pytest.raises(ConfigError, match=r"^config error: rewards\.functions\[1\]\.name: is"):
+        from_dict(RunConfig, {"rewards": {"functions": [{"name": "a"}, {"name": " "}]}})

@@ -6,7 +6,6 @@ happens in exactly one place in the actor, not here.
 """
 
 import math
-from dataclasses import dataclass
 from typing import Literal
 
 from megatron_rl.configurable import (
@@ -15,10 +14,11 @@ from megatron_rl.configurable import (
     require,
     require_non_negative,
     require_positive,
+    section,
 )
 
 
-@dataclass(frozen=True, kw_only=True)
+@section
 class ModelConfig:
     """Transformer (optionally MoE) architecture, named as in Megatron-Core."""
 
@@ -178,7 +178,7 @@ class ModelConfig:
                     "pick fewer groups per token")
 
 
-@dataclass(frozen=True, kw_only=True)
+@section
 class ParallelConfig:
     """Megatron-Core parallel layout and process-group settings."""
 
@@ -227,7 +227,7 @@ class ParallelConfig:
         return self.tp if self.etp is None else self.etp
 
 
-@dataclass(frozen=True, kw_only=True)
+@section
 class ActorConfig:
     """Policy optimisation: optimizer, schedule, precision and micro-batching."""
 
@@ -281,7 +281,7 @@ class ActorConfig:
                 "set actor.use_distributed_optimizer=true or optimizer_cpu_offload=false")
 
 
-@dataclass(frozen=True, kw_only=True)
+@section
 class CheckpointConfig:
     """Where and how often the actor saves; what it starts from."""
 

@@ -4,13 +4,12 @@ A `preset` (grpo, dapo, dr_grpo, gdpo) fills only the fields the user did not se
 see `PRESETS` and DESIGN.md section 4 for the numbers.
 """
 
-from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from megatron_rl.configurable import require, require_non_negative, require_positive
+from megatron_rl.configurable import require, require_non_negative, require_positive, section
 
 
-@dataclass(frozen=True, kw_only=True)
+@section
 class AlgorithmConfig:
     """RL objective: advantage estimator, clipped policy loss, aggregation, KL, shaping."""
 

@@ -1,12 +1,12 @@
 """Config section owned by data: where prompts come from and how they are formatted."""
 
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any, Literal
 
-from megatron_rl.configurable import require, require_non_negative, require_positive
+from megatron_rl.configurable import require, require_non_negative, require_positive, section
 
 
-@dataclass(frozen=True, kw_only=True)
+@section
 class DataConfig:
     """Prompt dataset, its field names, chat template and tokenizer."""
 

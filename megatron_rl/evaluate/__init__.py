@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from megatron_rl.algorithms.pass_at_k import avg_at_k, cons_at_k, pass_at_k
-from megatron_rl.configurable import require, require_positive
+from megatron_rl.configurable import require, require_positive, section
 from megatron_rl.rewards.extract import extract_answer
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ def _default_k() -> list[int]:
     return [1, 4, 8]
 
 
-@dataclass(frozen=True, kw_only=True)
+@section
 class EvalConfig:
     """Held-out evaluation: samples per problem, the k of each metric, sampling, sizes."""
 

@@ -1,10 +1,10 @@
 """Config section owned by launch: how `megatron-rl submit` runs a config on a Slurm cluster."""
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Literal
 
-from megatron_rl.configurable import require, require_non_negative, require_positive
+from megatron_rl.configurable import require, require_non_negative, require_positive, section
 
 # Slurm's --time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S.
 _TIME = re.compile(r"^(\d+-\d+(:\d+){0,2}|\d+(:\d+){0,2})$")
@@ -12,7 +12,7 @@ _NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 _VAR = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-@dataclass(frozen=True, kw_only=True)
+@section
 class SlurmConfig:
     """The sbatch job: allocation, software environment, logs, preemption and engine placement.
 

@@ -1,11 +1,10 @@
 """Config section owned by metrics: tensorboard, console and plots."""
 
-from dataclasses import dataclass
 
-from megatron_rl.configurable import require, require_positive
+from megatron_rl.configurable import require, require_positive, section
 
 
-@dataclass(frozen=True, kw_only=True)
+@section
 class LoggingConfig:
     """Where and how often metrics are written."""
 

@@ -13,7 +13,6 @@ other ranks wait for it.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -29,6 +28,11 @@ from typing import Any
 
 import torch
 
+from megatron_rl.configurable import to_dict
+from megatron_rl.convert import arch_of
+from megatron_rl.data import apply_template, build_dataset, build_tokenizer
+from megatron_rl.data.worked import solution
+from megatron_rl.metrics.logger import format_duration
 from megatron_rl.pretrain.config import PretrainConfig
 
 __all__ = ["PretrainConfig", "base_model_dir", "ensure_base_model", "pretrain"]
@@ -39,12 +43,10 @@ _WAIT_S = 3600.0  # how long other ranks wait for rank 0's pre-training
 
 def base_model_dir(cfg: Any, tokenizer_dir: str) -> Path:
     """The cache directory of the base model `cfg` (a RunConfig) describes."""
-    from megatron_rl.configurable import to_dict
-
-    pre = dataclasses.replace(cfg.pretrain, cache_dir="")
+    pre = {**to_dict(cfg.pretrain), "cache_dir": ""}  # where it is cached is not part of the key
     data = {k: getattr(cfg.data, k) for k in ("source", "task", "task_kwargs", "train_size",
                                                "seed", "chat_template")}
-    key = json.dumps([_FORMAT_VERSION, to_dict(cfg.model), to_dict(pre), data,
+    key = json.dumps([_FORMAT_VERSION, to_dict(cfg.model), pre, data,
                       Path(tokenizer_dir).name], sort_keys=True, default=str)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return Path(cfg.pretrain.cache_dir) / f"{cfg.data.task}-{digest}"
@@ -52,8 +54,6 @@ def base_model_dir(cfg: Any, tokenizer_dir: str) -> Path:
 
 def ensure_base_model(cfg: Any, log: Any = print) -> Path:
     """The base model's HF directory for run config `cfg`, pre-training it first if not cached."""
-    from megatron_rl.data import build_dataset, build_tokenizer
-
     train = build_dataset(cfg.data, "train")
     tokenizer = build_tokenizer(cfg.data, cfg.model.vocab_size, train)
     out = base_model_dir(cfg, tokenizer.name_or_path)
@@ -77,11 +77,8 @@ def pretrain(model_cfg: Any, pre: PretrainConfig, records: Sequence[Any], tokeni
     """A fresh HF model of `model_cfg` trained `pre.steps` steps on worked solutions of
     `records` (guesses mixed in for the last `pre.mixed_steps`); returns it and the loss per
     step."""
+    # transformers: heavy, and loading a config (which imports this package) does not need it
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from megatron_rl.convert import arch_of
-    from megatron_rl.data import apply_template
-    from megatron_rl.data.worked import solution
 
     torch.manual_seed(pre.seed)
     rng = random.Random(pre.seed)
@@ -112,8 +109,6 @@ def pretrain(model_cfg: Any, pre: PretrainConfig, records: Sequence[Any], tokeni
         opt.zero_grad(set_to_none=True)
         history.append(loss.item())
         if (step + 1) % 50 == 0 or step + 1 == pre.steps:
-            from megatron_rl.metrics.logger import format_duration
-
             elapsed = time.perf_counter() - start
             eta = elapsed / (step + 1) * (pre.steps - step - 1)
             recent = history[-50:]
@@ -146,8 +141,6 @@ def _batch(examples: list[tuple[list[int], list[int]]], pad_id: int
 def _save(model: torch.nn.Module, tokenizer: Any, history: list[float], cfg: Any,
           out: Path) -> None:
     """Write the HF model dir atomically (a complete dir or none)."""
-    from megatron_rl.configurable import to_dict
-
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:

@@ -1,11 +1,10 @@
 """Config section owned by pretrain: the embedded default's base model."""
 
-from dataclasses import dataclass
 
-from megatron_rl.configurable import require, require_non_negative, require_positive
+from megatron_rl.configurable import require, require_non_negative, require_positive, section
 
 
-@dataclass(frozen=True, kw_only=True)
+@section
 class PretrainConfig:
     """A short pre-training that makes the tiny demo's base model (cached on disk).
 

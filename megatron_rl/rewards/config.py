@@ -1,12 +1,12 @@
 """Config section owned by rewards: which reward functions run, with what weights."""
 
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any
 
-from megatron_rl.configurable import require, require_non_negative, require_positive
+from megatron_rl.configurable import require, require_non_negative, require_positive, section
 
 
-@dataclass(frozen=True, kw_only=True)
+@section
 class RewardFunctionConfig:
     """One reward function from the registry, its weight and its own arguments."""
 
@@ -26,7 +26,7 @@ def _default_functions() -> list[RewardFunctionConfig]:
     return [RewardFunctionConfig(name="reasoning_gym")]
 
 
-@dataclass(frozen=True, kw_only=True)
+@section
 class RewardsConfig:
     """Reward computation: functions, accuracy values, sandboxing limits."""
 

@@ -1,12 +1,12 @@
 """Config section owned by rollout: the generation engine and sampling settings."""
 
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Literal
 
-from megatron_rl.configurable import require, require_non_negative, require_positive
+from megatron_rl.configurable import require, require_non_negative, require_positive, section
 
 
-@dataclass(frozen=True, kw_only=True)
+@section
 class RolloutConfig:
     """How responses are generated: engine, group size, sampling parameters, weight sync."""
 
