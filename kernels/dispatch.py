@@ -1,40 +1,25 @@
-"""Backend choice for the fused kernels: Triton or the chunked torch reference.
+"""Backend choice for the fused kernels: Triton or torch.
 
-`auto` (the default) picks Triton for CUDA tensors, or for any tensor when `TRITON_INTERPRET=1`
-is set (the Triton interpreter, used by the tests on CPU), and the torch reference otherwise.
-Force a backend with the environment variable `MEGATRON_RL_KERNELS=reference|triton|auto` or
-with `set_backend` (what a config switch calls); the setter wins over the environment.
+The backend is an argument of every kernel entry point, set from `ActorConfig.kernels`:
+- `auto`: Triton for CUDA tensors, or for any tensor when `TRITON_INTERPRET=1` is set (the
+  Triton interpreter, used by the tests on CPU); torch otherwise.
+- `triton`: Triton, and an error where it cannot run (no triton, or a CPU tensor without the
+  interpreter).
+- `torch`: the torch implementation (for the policy loss, the algorithms library's).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import typing
 from typing import Literal
 
 import torch
 
-Backend = Literal["auto", "triton", "reference"]
-ENV = "MEGATRON_RL_KERNELS"
-_override: Backend | None = None
-
-
-def set_backend(backend: Backend | None) -> None:
-    """Force a backend for every later call in this process (None = back to env / auto)."""
-    global _override
-    if backend is not None and backend not in ("auto", "triton", "reference"):
-        raise ValueError(f"unknown kernel backend {backend!r}; use auto, triton or reference")
-    _override = backend
-
-
-def backend() -> Backend:
-    """The requested backend: `set_backend`, else `$MEGATRON_RL_KERNELS`, else auto."""
-    if _override is not None:
-        return _override
-    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
-    if value not in ("auto", "triton", "reference"):
-        raise ValueError(f"{ENV}={value!r}: use auto, triton or reference")
-    return value  # type: ignore[return-value]
+KernelBackend = Literal["auto", "triton", "torch"]
+BACKENDS: tuple[str, ...] = typing.get_args(KernelBackend)
+"""The values of `ActorConfig.kernels`."""
 
 
 def interpreting() -> bool:
@@ -43,16 +28,19 @@ def interpreting() -> bool:
 
 
 def triton_available() -> bool:
+    """Whether triton is installed."""
     return importlib.util.find_spec("triton") is not None
 
 
-def use_triton(x: torch.Tensor, choice: Backend | None = None) -> bool:
-    """Whether the kernel for tensor `x` runs in Triton (`choice` overrides `backend()`)."""
-    b = choice or backend()
-    if b == "reference":
+def use_triton(x: torch.Tensor, backend: KernelBackend | str) -> bool:
+    """Whether the kernel for tensor `x` runs in Triton under `backend` (see the module)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    if backend == "torch":
         return False
     can = triton_available() and (x.is_cuda or interpreting())
-    if b == "triton" and not can:
+    if backend == "triton" and not can:
         raise RuntimeError("kernel backend 'triton' needs a CUDA tensor or TRITON_INTERPRET=1 "
-                           f"(got a {x.device} tensor, triton installed: {triton_available()})")
+                           f"(got a {x.device} tensor, triton installed: {triton_available()}); "
+                           "use actor.kernels=auto or torch")
     return can

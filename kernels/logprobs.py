@@ -14,8 +14,8 @@ gradient, and 0 * log 0 never appears. Labels owned by no rank (e.g. -100 on mas
 give log p = -logZ and no one-hot gradient; mask such tokens in the loss.
 
 Two paths with the same signature: the Triton kernels (`kernels.triton_logprobs`) and a chunked
-torch reference that never materialises more than `chunk_tokens` rows of fp32 temporaries.
-`kernels.dispatch` picks one.
+torch path that never materialises more than `chunk_tokens` rows of fp32 temporaries. The
+`backend` argument picks one (`kernels.dispatch`).
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ def logprobs_and_entropy(
     vocab_size: int | None = None,
     temperature: float = 1.0,
     group: dist.ProcessGroup | None = None,
-    backend: dispatch.Backend | None = None,
+    backend: dispatch.KernelBackend | str = "auto",
     chunk_tokens: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p(label) [T], entropy [T]), fp32 and differentiable w.r.t. logits [T, V].
@@ -165,7 +165,8 @@ def logprobs_and_entropy(
     [vocab_start, vocab_start + V); labels_t: global token ids [T]; vocab_size: real vocabulary
     (ids >= it are padding, -inf; default: no padding); group: the TP group whose ranks hold the
     other slices (None = the whole vocabulary is here). Temperature divides the logits in fp32
-    before the softmax. backend: see `kernels.dispatch` (None = process default).
+    before the softmax. backend: auto | triton | torch (`ActorConfig.kernels`, see
+    `kernels.dispatch`).
     """
     if logits_tv.dim() != 2 or labels_t.shape != logits_tv.shape[:1]:
         raise ValueError(f"logits must be [T, V] and labels [T], got {tuple(logits_tv.shape)} "

@@ -39,8 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="logits dtype")
     parser.add_argument("--kernels", nargs="+", choices=["logprobs", "policy_loss"],
                         default=["logprobs", "policy_loss"])
-    parser.add_argument("--backend", choices=["auto", "triton", "reference"], default="auto",
-                        help="kernel backend (auto: Triton on CUDA, torch reference on CPU)")
+    parser.add_argument("--backend", choices=["auto", "triton", "torch"], default="auto",
+                        help="kernel backend, as actor.kernels (auto: Triton on CUDA, torch on "
+                        "CPU)")
     parser.add_argument("--iters", type=int, default=5, help="timed calls per shape")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls first")
     parser.add_argument("--compile-only", action="store_true",
@@ -53,6 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def aot_specs() -> list[dict[str, Any]]:
     """Every Triton kernel at its production constexprs: name, fn, signature, constexprs,
     num_warps, and the CTAs per SM it needs resident (its occupancy floor)."""
+    from megatron_rl.algorithms.kl import KL_GAP_KNOT
+    from megatron_rl.algorithms.policy_loss import LOG_RATIO_CLAMP
     from megatron_rl.kernels import triton_logprobs as tlp
     from megatron_rl.kernels import triton_policy_loss as tpl
 
@@ -84,8 +87,8 @@ def aot_specs() -> list[dict[str, Any]]:
             name=f"policy_loss {label}", fn=tpl.policy_loss_kernel, signature=sig,
             constexprs={"EPS_LOW": 0.2, "EPS_HIGH": 0.28, "DUAL_C": dual, "TIS_CAP": tis,
                         "KL_COEF": 0.001 if kl_mode else 0.0, "KL_MODE": kl_mode,
-                        "ENT_COEF": ent, "HAS_ENT": ent > 0, "CLAMP": 20.0,
-                        "BLOCK": tpl.BLOCK},
+                        "ENT_COEF": ent, "HAS_ENT": ent > 0, "CLAMP": LOG_RATIO_CLAMP,
+                        "KL_KNOT": KL_GAP_KNOT, "BLOCK": tpl.BLOCK},
             num_warps=4, min_ctas=4))
     return specs
 
@@ -190,11 +193,14 @@ def _logprob_calls(x, labels, vocab: int, backend: str):
 
 def _policy_call(lp, old, adv, mask, ref, backend: str):
     """Forward+backward call of the fused policy loss (DAPO clip, k3 KL)."""
+    from megatron_rl.algorithms.config import AlgorithmConfig
     from megatron_rl.kernels.policy_loss import fused_policy_loss
 
+    cfg = AlgorithmConfig(eps_high=0.28, loss_agg="token_mean", kl_coef=0.001)
+
     def pl():
-        loss, _ = fused_policy_loss(lp, old, adv, mask, float(lp.numel()), eps_high=0.28,
-                                    ref_logprobs=ref, kl_coef=0.001, backend=backend)
+        loss, _ = fused_policy_loss(cfg, lp, old, adv, mask, float(lp.numel()),
+                                    ref_logprobs=ref, backend=backend)
         loss.backward()
         lp.grad = None
 
@@ -218,7 +224,7 @@ def profile_shapes(args: argparse.Namespace) -> list[dict[str, Any]]:
                 vl = -(-v // tp)
                 x = torch.randn(t, vl, device=dev, dtype=dtype).requires_grad_()
                 labels = torch.randint(0, vl, (t,), device=dev)
-                path = "triton" if dispatch.use_triton(x, args.backend) else "torch reference"
+                path = "triton" if dispatch.use_triton(x, args.backend) else "torch"
                 if cuda:
                     torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated() if cuda else 0.0
@@ -243,7 +249,7 @@ def profile_shapes(args: argparse.Namespace) -> list[dict[str, Any]]:
             ref, adv = lp.detach() + 0.1 * torch.randn_like(lp), torch.randn(lp.shape[0],
                                                                               device=dev)
             mask = torch.ones_like(lp)
-            path = "triton" if dispatch.use_triton(lp, args.backend) else "torch reference"
+            path = "triton" if dispatch.use_triton(lp, args.backend) else "torch"
 
             pl = _policy_call(lp, old, adv, mask, ref, args.backend)
 

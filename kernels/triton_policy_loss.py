@@ -13,7 +13,22 @@ import triton
 import triton.language as tl
 
 NSTATS = 16
-"""Columns of the partial-statistics rows (see STAT_* in kernels.policy_loss)."""
+"""Columns of the partial-statistics rows (see STAT_KEYS in kernels.policy_loss)."""
+
+
+@triton.jit
+def bounded_kl(d, MODE: tl.constexpr, KNOT: tl.constexpr):
+    """(k2 or k3 of the gap d = ref - logp, its slope d kl / d d), as `algorithms.kl`: the exact
+    formula for |d| <= KNOT, the tangent at the knot beyond (finite, bounded slope)."""
+    c = tl.minimum(tl.maximum(d, -KNOT), KNOT)
+    if MODE == 2:
+        fc = 0.5 * c * c
+        slope = c
+    else:
+        ec = tl.exp(c)
+        fc = ec - c - 1.0
+        slope = ec - 1.0
+    return tl.where(tl.abs(d) <= KNOT, fc, fc + slope * (d - c)), slope
 
 
 @triton.jit
@@ -22,8 +37,11 @@ def policy_loss_kernel(lp_ptr, old_ptr, adv_ptr, w_ptr, mask_ptr, ref_ptr, roll_
                        EPS_LOW: tl.constexpr, EPS_HIGH: tl.constexpr, DUAL_C: tl.constexpr,
                        TIS_CAP: tl.constexpr, KL_COEF: tl.constexpr, KL_MODE: tl.constexpr,
                        ENT_COEF: tl.constexpr, HAS_ENT: tl.constexpr, CLAMP: tl.constexpr,
-                       BLOCK: tl.constexpr):
-    """KL_MODE: 0 none, 1 k1, 2 k2, 3 k3. DUAL_C / TIS_CAP <= 0: off. Inputs fp32 [N]."""
+                       KL_KNOT: tl.constexpr, BLOCK: tl.constexpr):
+    """KL_MODE: 0 none, 1 k1, 2 k2, 3 k3. DUAL_C / TIS_CAP <= 0: off. Inputs fp32 [N].
+
+    CLAMP: the log-ratio clamp of the ratio and the TIS weight; KL_KNOT: the KL bound. Masked
+    tokens may hold anything: every store and statistic selects live tokens with tl.where."""
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inb = offs < N
@@ -61,16 +79,15 @@ def policy_loss_kernel(lp_ptr, old_ptr, adv_ptr, w_ptr, mask_ptr, ref_ptr, roll_
     kl = tl.zeros([BLOCK], tl.float32)
     if KL_MODE > 0:
         ref = tl.load(ref_ptr + offs, mask=inb, other=0.0)
-        if KL_MODE == 1:
+        if KL_MODE == 1:  # linear: no bound needed
             kl = lp - ref
             dkl = tl.full([BLOCK], 1.0, tl.float32)
         elif KL_MODE == 2:
-            kl = 0.5 * (lp - ref) * (lp - ref)
-            dkl = lp - ref
+            kl, slope = bounded_kl(ref - lp, 2, KL_KNOT)
+            dkl = -slope  # d kl / d logprob
         else:
-            d = ref - lp
-            kl = tl.exp(d) - d - 1.0
-            dkl = 1.0 - tl.exp(d)
+            kl, slope = bounded_kl(ref - lp, 3, KL_KNOT)
+            dkl = -slope
         loss = loss + KL_COEF * kl
         dl = dl + KL_COEF * dkl
     ent = tl.zeros([BLOCK], tl.float32)
@@ -83,7 +100,7 @@ def policy_loss_kernel(lp_ptr, old_ptr, adv_ptr, w_ptr, mask_ptr, ref_ptr, roll_
     if ENT_COEF > 0:
         tl.store(dent_ptr + offs, tl.where(live, -ENT_COEF * wl, 0.0), mask=inb)
     one = tl.where(live, 1.0, 0.0)
-    approx_kl = tl.exp(-lr) + lr - 1.0  # k3(log r, 0)
+    approx_kl, _ = bounded_kl(-lr, 3, KL_KNOT)  # k3(logp, logp_old): KL(pi_old || pi_theta)
     row = part_ptr + pid.to(tl.int64) * 16
     tl.store(row + 0, tl.sum(tl.where(live, wl * loss, 0.0), 0))
     tl.store(row + 1, tl.sum(one, 0))
@@ -107,7 +124,7 @@ def run(lp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, w: torch.Tensor,
         mask: torch.Tensor, ref: torch.Tensor | None, roll: torch.Tensor | None,
         ent: torch.Tensor | None, *, eps_low: float, eps_high: float, dual_c: float,
         tis_cap: float, kl_coef: float, kl_mode: int, ent_coef: float, clamp: float,
-        block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        kl_knot: float, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d loss/d logprob [N], d loss/d entropy [N], partial statistics [blocks, 16]); fp32 [N]
     contiguous inputs (None for absent optional ones)."""
     n = lp.numel()
@@ -121,6 +138,7 @@ def run(lp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, w: torch.Tensor,
         dummy if ent is None else ent, dlp, dent if ent_coef > 0 else dlp, part, n,
         EPS_LOW=float(eps_low), EPS_HIGH=float(eps_high), DUAL_C=float(dual_c),
         TIS_CAP=float(tis_cap), KL_COEF=float(kl_coef), KL_MODE=int(kl_mode),
-        ENT_COEF=float(ent_coef), HAS_ENT=ent is not None, CLAMP=float(clamp), BLOCK=block,
+        ENT_COEF=float(ent_coef), HAS_ENT=ent is not None, CLAMP=float(clamp),
+        KL_KNOT=float(kl_knot), BLOCK=block,
         num_warps=4)
     return dlp, dent, part

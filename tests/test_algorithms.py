@@ -220,6 +220,143 @@ def test_kl_estimators_by_hand() -> None:
         kl_penalty(logp, ref, "k4")
 
 
+GAPS = [-1e4, -100.0, -30.0, -5.0, -1.0, 0.0, 0.5, 4.9, 5.0, 30.0, 88.0, 100.0, 1e4]
+"""ref - logp: tiny, around the knot, where exp overflows fp32 (88) and far beyond."""
+KNOT = 5.0  # the documented bound (kl.KL_GAP_KNOT), restated to test the formula
+
+
+def kl_by_hand(estimator: str, d: float) -> tuple[float, float]:
+    """(KL, d KL / d logp) at gap d = ref - logp: the exact formula for |d| <= 5, the tangent
+    at the knot beyond."""
+    f, df = {"k1": (lambda x: -x, lambda x: -1.0),
+             "k2": (lambda x: 0.5 * x * x, lambda x: x),
+             "k3": (lambda x: math.exp(x) - x - 1, lambda x: math.exp(x) - 1)}[estimator]
+    if abs(d) <= KNOT or estimator == "k1":
+        return f(d), -df(d)
+    c = math.copysign(KNOT, d)
+    return f(c) + df(c) * (d - c), -df(c)
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kl_is_finite_and_bounded_at_extreme_gaps(estimator: str, dtype: torch.dtype) -> None:
+    ref = torch.full((1, len(GAPS)), -3.0, dtype=dtype)
+    logp = (ref - torch.tensor([GAPS], dtype=dtype)).requires_grad_()
+    kl = kl_penalty(logp, ref, estimator)
+    kl.sum().backward()
+    assert bool(torch.isfinite(kl).all()) and bool(torch.isfinite(logp.grad).all())
+    tol = dict(rel=2e-6 if dtype == torch.float32 else 1e-12, abs=1e-6)
+    for i, d in enumerate((ref - logp).detach()[0].tolist()):
+        value, grad = kl_by_hand(estimator, d)
+        assert kl[0, i].item() == pytest.approx(value, **tol), (estimator, d)
+        assert logp.grad[0, i].item() == pytest.approx(grad, **tol), (estimator, d)
+    if estimator == "k3":  # the gradient never exceeds the slope at the knot, never vanishes
+        assert float(logp.grad.abs().max()) <= math.exp(KNOT) - 1 + 1e-3
+        assert float(logp.grad[0, -1]) == pytest.approx(-(math.exp(KNOT) - 1), rel=1e-6)
+        assert float(logp.grad[0, 0]) == pytest.approx(1 - math.exp(-KNOT), rel=1e-6)
+
+
+def test_k3_is_the_exact_formula_for_small_gaps_in_fp32() -> None:
+    d = torch.linspace(-4.999, 4.999, 2001, dtype=torch.float32)
+    logp = torch.full_like(d, -2.0)
+    ref = logp + d
+    gap = ref - logp  # the gap as fp32 sees it
+    want = torch.exp(gap) - gap - 1
+    assert torch.equal(kl_penalty(logp[None], ref[None], "k3")[0], want)
+    by_math = torch.tensor([math.exp(x) - x - 1 for x in gap.double().tolist()],
+                           dtype=torch.float64)
+    torch.testing.assert_close(want.double(), by_math, rtol=2e-6, atol=2e-7)
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_kl_on_masked_garbage_gives_a_zero_finite_gradient(estimator: str) -> None:
+    """A masked token whose log-probs are +-1e30 (padding) or beyond exp's range: the loss
+    ignores it and its gradient is exactly 0 (was 0 * inf = NaN for k3)."""
+    cfg = AlgorithmConfig(kl_coef=0.1, kl_estimator=estimator, loss_agg="token_mean")
+    logp = torch.tensor([[-1.0, -1e30, 1e30, -500.0, -2.0]], requires_grad=True)
+    ref = torch.tensor([[-1.5, 1e30, -1e30, -1.0, -2.5]])
+    mask = torch.tensor([[1.0, 0.0, 0.0, 0.0, 1.0]])
+    loss, stats = policy_loss(cfg, logp, logp.detach(), torch.tensor([1.0]), mask, 2.0,
+                              ref_logprobs=ref)
+    loss.backward()
+    assert bool(torch.isfinite(logp.grad).all())
+    assert logp.grad[0, 1:4].tolist() == [0.0, 0.0, 0.0]
+    kl = [kl_by_hand(estimator, -0.5)[0]] * 2
+    assert loss.item() == pytest.approx((-1.0 - 1.0 + 0.1 * sum(kl)) / 2)
+    assert stats["kl_sum"].item() == pytest.approx(sum(kl))
+
+
+def test_kl_penalty_at_a_huge_live_gap_keeps_a_finite_gradient() -> None:
+    """One live token at ref - logp = 100 (exp overflows fp32 past 88): finite loss and the
+    knot's gradient, kl_coef * (e^5 - 1) / denominator, pulling logp up."""
+    cfg = AlgorithmConfig(kl_coef=0.5, kl_estimator="k3", loss_agg="token_mean")
+    logp = torch.tensor([[-101.0, -1.0]], requires_grad=True)
+    ref = torch.tensor([[-1.0, -1.0]])
+    loss, _ = policy_loss(cfg, logp, logp.detach(), torch.tensor([0.0]), torch.ones(1, 2), 2.0,
+                          ref_logprobs=ref)
+    loss.backward()
+    value, grad = kl_by_hand("k3", 100.0)
+    assert loss.item() == pytest.approx(0.5 * value / 2, rel=1e-6)
+    assert logp.grad.tolist() == [approx([0.5 * grad / 2, 0.0])]
+
+
+EXTREME = [-1e4, -100.0, -30.0, -20.5, -1.0, 0.0, 0.1, 19.5, 30.0, 88.0, 100.0, 1e4]
+
+
+@pytest.mark.parametrize("a", [1.0, -1.0])
+def test_ratio_and_tis_weight_at_extreme_gaps(a: float) -> None:
+    """logp - logp_old and logp_old - logp_rollout far outside +-20: the log-ratios are clamped
+    at 20 before exp (finite ratio, zero gradient beyond the clamp), the TIS weight is capped."""
+    cfg = AlgorithmConfig(eps_low=0.2, eps_high=0.28, tis_cap=2.0, loss_agg="token_mean")
+    n = len(EXTREME)
+    old = torch.full((1, n), -50.0, dtype=torch.float64)
+    logp = (old + torch.tensor([EXTREME], dtype=torch.float64)).requires_grad_()
+    rollout = old - torch.tensor([EXTREME[::-1]], dtype=torch.float64)
+    loss, stats = policy_loss(cfg, logp, old, torch.tensor([a], dtype=torch.float64),
+                              torch.ones(1, n), float(n), rollout_logprobs=rollout)
+    loss.backward()
+    assert math.isfinite(loss.item()) and bool(torch.isfinite(logp.grad).all())
+    pg, grad, tis = [], [], []
+    for gap, tis_gap in zip(EXTREME, EXTREME[::-1], strict=True):
+        r = math.exp(min(max(gap, -20.0), 20.0))
+        w = min(math.exp(min(max(tis_gap, -20.0), 20.0)), 2.0)
+        pg.append(w * ref_pg(r, a, 0.2, 0.28))
+        unclipped = ref_pg(r, a, 0.2, 0.28) == -a * r and abs(gap) <= 20.0
+        grad.append(w * -a * r / n if unclipped else 0.0)
+        tis.append(w)
+    assert loss.item() == pytest.approx(sum(pg) / n, rel=1e-9)
+    assert logp.grad[0].tolist() == approx(grad)
+    assert stats["tis_weight_sum"].item() == pytest.approx(sum(tis))
+    assert stats["ratio_max"].item() == pytest.approx(math.exp(20.0))
+    assert math.isfinite(stats["approx_kl_sum"].item())
+
+
+def test_masked_garbage_never_reaches_the_loss_or_gradient() -> None:
+    """NaN, +-inf and +-1e30 in every input at masked tokens: the loss, every statistic and
+    the gradients equal those of the same batch with zeros there."""
+    cfg = AlgorithmConfig(kl_coef=0.1, kl_estimator="k3", tis_cap=2.0, entropy_coef=0.01,
+                          dual_clip_c=3.0, loss_agg="seq_mean_token_mean")
+    g = torch.Generator().manual_seed(0)
+    clean = [torch.randn(2, 4, generator=g, dtype=torch.float64) * 0.3 - 1 for _ in range(4)]
+    clean.append(torch.rand(2, 4, generator=g, dtype=torch.float64))  # entropy
+    mask = torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 1.0, 0.0]])
+    junk = torch.tensor([[0.0, float("nan"), 0.0, 1e30], [-1e30, 0.0, 0.0, float("inf")]],
+                        dtype=torch.float64)
+    out = []
+    for fill in (torch.zeros_like(junk), junk):
+        x = [torch.where(mask == 0, fill, c) for c in clean]  # logp, old, rollout, ref, entropy
+        logp, ent = x[0].clone().requires_grad_(), x[4].clone().requires_grad_()
+        loss, stats = policy_loss(cfg, logp, x[1], torch.tensor([1.0, -2.0]), mask, 2.0,
+                                  rollout_logprobs=x[2], ref_logprobs=x[3], entropy=ent)
+        loss.backward()
+        out.append((loss, stats, logp.grad, ent.grad))
+    (l0, s0, g0, e0), (l1, s1, g1, e1) = out
+    assert math.isfinite(l1.item()) and l1.item() == l0.item()
+    assert torch.equal(g1, g0) and torch.equal(e1, e0)
+    assert float(g1[mask == 0].abs().max()) == 0.0
+    assert {k: v.item() for k, v in s1.items()} == {k: v.item() for k, v in s0.items()}
+
+
 def test_kl_and_entropy_terms_enter_the_token_loss() -> None:
     cfg = AlgorithmConfig(kl_coef=0.1, kl_estimator="k3", entropy_coef=0.01)
     logp = torch.tensor([[-1.0, -2.0]])
@@ -258,12 +395,36 @@ def test_reduce_stats_sums_and_takes_max_of_max_keys() -> None:
 def test_make_loss_fn_reads_the_micro_batch() -> None:
     cfg = AlgorithmConfig(loss_agg="token_mean")
     logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    old = torch.tensor([[-1.0 - math.log(1.1), -2.0]])  # ratios 1.1 and 1
     mb = SimpleNamespace(loss_mask=torch.tensor([[1.0, 1.0]]),
-                         extras={"advantages": torch.tensor([2.0])})
-    loss, stats = make_loss_fn(cfg, 4.0)(logp, mb)  # on-policy: ratio 1
-    assert loss.item() == pytest.approx(-2.0 * 2 / 4) and stats["tokens"].item() == 2
+                         extras={"advantages": torch.tensor([2.0]), "old_logprobs": old})
+    loss, stats = make_loss_fn(cfg, 4.0)(logp, mb)
+    assert loss.item() == pytest.approx(-2.0 * (1.1 + 1.0) / 4)
+    assert stats["tokens"].item() == 2 and stats["ratio_max"].item() == pytest.approx(1.1)
     with pytest.raises(ValueError, match="advantages"):
         make_loss_fn(cfg, 4.0)(logp, SimpleNamespace(loss_mask=mb.loss_mask, extras={}))
+
+
+def test_make_loss_fn_without_old_logprobs_is_an_error_unless_on_policy() -> None:
+    cfg = AlgorithmConfig(loss_agg="token_mean")
+    logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    mb = SimpleNamespace(loss_mask=torch.tensor([[1.0, 1.0]]),
+                         extras={"advantages": torch.tensor([2.0])})
+    with pytest.raises(ValueError, match="'old_logprobs'"):
+        make_loss_fn(cfg, 4.0)(logp, mb)
+    loss, stats = make_loss_fn(cfg, 4.0, on_policy=True)(logp, mb)  # ratio exactly 1
+    assert loss.item() == pytest.approx(-2.0 * 2 / 4) and stats["ratio_max"].item() == 1.0
+    loss.backward()
+    assert logp.grad.tolist() == [approx([-2.0 / 4, -2.0 / 4])]  # d(-A r)/dlogp = -A r / den
+    # Old log-probs that are there are used, on-policy or not.
+    mb.extras["old_logprobs"] = logp.detach() - math.log(2.0)
+    _, stats = make_loss_fn(cfg, 4.0, on_policy=True)(logp, mb)
+    assert stats["ratio_max"].item() == pytest.approx(2.0)
+
+
+def test_make_loss_fn_asks_for_the_entropy_only_with_the_bonus() -> None:
+    assert not make_loss_fn(AlgorithmConfig(), 1.0).needs_entropy
+    assert make_loss_fn(AlgorithmConfig(entropy_coef=0.01), 1.0).needs_entropy
 
 
 def test_policy_loss_rejects_bad_inputs() -> None:

@@ -264,6 +264,10 @@ class ActorConfig:
     optimizer_cpu_offload: bool = False
     """Keep the optimizer state (fp32 master weights, Adam moments) on the host and step it there
     (Megatron's HybridDeviceOptimizer); needs use_distributed_optimizer."""
+    kernels: Literal["auto", "triton", "torch"] = "auto"
+    """Backend of the fused log-prob and policy-loss kernels: auto = Triton on CUDA tensors (or
+    under TRITON_INTERPRET=1), torch otherwise; triton = fail if Triton cannot run; torch = the
+    torch implementations (the policy loss of `megatron_rl.algorithms`, the reference)."""
 
     def validate(self) -> None:
         """Ranges of optimizer and batching settings."""

@@ -3,8 +3,8 @@
 Shape legend: b = micro-batch, s = sequence, v = this TP rank's vocabulary slice (any leading
 dims work: the logits' leading dims must equal the labels' shape).
 
-Both go through the fused kernel's dispatcher (`megatron_rl.kernels.logprobs`): Triton on CUDA,
-the chunked torch reference on CPU (`MEGATRON_RL_KERNELS=reference` forces it). Padded
+Both go through the fused kernel (`megatron_rl.kernels.logprobs`) on the backend passed in
+(`ActorConfig.kernels`: auto = Triton on CUDA, the chunked torch path on CPU). Padded
 vocabulary ids (>= vocab_size) are -inf on every TP rank; one all-gather of per-token
 statistics over the TP group replaces Megatron's max/sum-exp all-reduces.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from megatron.core import parallel_state
 
+from megatron_rl.kernels.dispatch import KernelBackend
 from megatron_rl.kernels.logprobs import logprobs_and_entropy
 
 
@@ -28,11 +29,13 @@ def mask_padded_vocab(logits_bsv: torch.Tensor, vocab_size: int) -> torch.Tensor
 
 
 def token_logprobs_and_entropy(
-    logits_bsv: torch.Tensor, labels_bs: torch.Tensor, vocab_size: int, temperature: float = 1.0
+    logits_bsv: torch.Tensor, labels_bs: torch.Tensor, vocab_size: int, temperature: float = 1.0,
+    backend: KernelBackend | str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p(label), full-vocabulary entropy), each [b, s] fp32, differentiable, across TP.
 
     Temperature divides the logits before the softmax, exactly as the rollout engine samples.
+    backend: `ActorConfig.kernels` (auto | triton | torch).
     """
     v_local = logits_bsv.shape[-1]
     if tuple(logits_bsv.shape[:-1]) != tuple(labels_bs.shape):
@@ -43,15 +46,18 @@ def token_logprobs_and_entropy(
     start = parallel_state.get_tensor_model_parallel_rank() * v_local
     logp, ent = logprobs_and_entropy(
         logits_bsv.reshape(-1, v_local), labels_bs.reshape(-1), vocab_start=start,
-        vocab_size=vocab_size, temperature=temperature, group=group)
+        vocab_size=vocab_size, temperature=temperature, group=group, backend=backend)
     return logp.view(labels_bs.shape), ent.view(labels_bs.shape)
 
 
 def token_logprobs(
-    logits_bsv: torch.Tensor, labels_bs: torch.Tensor, vocab_size: int, temperature: float = 1.0
+    logits_bsv: torch.Tensor, labels_bs: torch.Tensor, vocab_size: int, temperature: float = 1.0,
+    backend: KernelBackend | str = "auto",
 ) -> torch.Tensor:
     """log p(label) per token [b, s] in fp32, differentiable, across the TP vocabulary split.
 
     Temperature divides the logits before the softmax, exactly as the rollout engine samples.
+    backend: `ActorConfig.kernels` (auto | triton | torch).
     """
-    return token_logprobs_and_entropy(logits_bsv, labels_bs, vocab_size, temperature)[0]
+    return token_logprobs_and_entropy(logits_bsv, labels_bs, vocab_size, temperature,
+                                      backend)[0]

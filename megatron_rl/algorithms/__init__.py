@@ -14,17 +14,25 @@ from megatron_rl.algorithms.advantages import (
     reinforce_pp_baseline,
     rloo,
 )
-from megatron_rl.algorithms.aggregation import AGGREGATIONS, Aggregation, aggregate, denominator
+from megatron_rl.algorithms.aggregation import (
+    AGGREGATIONS,
+    Aggregation,
+    aggregate,
+    denominator,
+    token_weights,
+)
 from megatron_rl.algorithms.config import AlgorithmConfig
 from megatron_rl.algorithms.dynamic_sampling import (
     DynamicSamplingBuffer,
     DynamicSamplingReport,
     informative_mask,
 )
-from megatron_rl.algorithms.kl import KL_ESTIMATORS, k1, k2, k3, kl_penalty
+from megatron_rl.algorithms.kl import KL_ESTIMATORS, KL_GAP_KNOT, k1, k2, k3, kl_penalty
 from megatron_rl.algorithms.overlong import overlong_filter, overlong_penalty
 from megatron_rl.algorithms.pass_at_k import avg_at_k, cons_at_k, pass_at_k
 from megatron_rl.algorithms.policy_loss import (
+    LOG_RATIO_CLAMP,
+    PolicyLoss,
     TokenLosses,
     make_loss_fn,
     policy_loss,
@@ -34,10 +42,11 @@ from megatron_rl.algorithms.policy_loss import (
 )
 
 __all__ = [
-    "ADVANTAGES", "AGGREGATIONS", "KL_ESTIMATORS", "Aggregation", "AlgorithmConfig",
-    "DynamicSamplingBuffer", "DynamicSamplingReport", "GroupAdvantages", "TokenLosses",
+    "ADVANTAGES", "AGGREGATIONS", "KL_ESTIMATORS", "KL_GAP_KNOT", "LOG_RATIO_CLAMP",
+    "Aggregation", "AlgorithmConfig", "DynamicSamplingBuffer", "DynamicSamplingReport",
+    "GroupAdvantages", "PolicyLoss", "TokenLosses",
     "aggregate", "avg_at_k", "compute_advantages", "cons_at_k", "denominator", "dr_grpo", "gdpo",
     "grpo", "informative_mask", "k1", "k2", "k3", "kl_penalty", "make_loss_fn", "overlong_filter",
     "overlong_penalty", "pass_at_k", "policy_loss", "reduce_stats", "reinforce_pp_baseline",
-    "rloo", "summarize_stats", "token_losses",
+    "rloo", "summarize_stats", "token_losses", "token_weights",
 ]

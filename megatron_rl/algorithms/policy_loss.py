@@ -11,7 +11,12 @@ Per token (PPO, Schulman et al. 2017 eq. 7; DAPO eq. 10 for clip-higher):
     pg *= min(exp(logp_old - logp_rollout), cap)   (TIS: truncated importance sampling against
                                                     the engine's log-probs, detached)
     l   = pg + kl_coef * KL_k(logp, logp_ref) - entropy_coef * H
-The step loss is `aggregate(loss_agg, l, mask, denominator)`.
+The step loss is `aggregate(loss_agg, l, mask, denominator)`. Both log-ratios are clamped to
++-LOG_RATIO_CLAMP before exp and KL_k is bounded (`kl.KL_GAP_KNOT`), so any finite input gives
+a finite loss and gradient; masked tokens are read as 0 whatever they hold.
+
+This is the one torch implementation of the loss: the actor runs it on the `torch` kernel
+backend, and the fused Triton kernel (`megatron_rl.kernels.policy_loss`) is tested against it.
 
 Statistics contract: the actor SUMS every statistic over micro-batches and data-parallel ranks,
 except keys ending in `_max`, which must be reduced with max (`reduce_stats` does both). So the
@@ -37,7 +42,8 @@ A = 0); any such token is far outside every clip range anyway (verl does the sam
 
 @dataclass(frozen=True)
 class TokenLosses:
-    """Per-token pieces of the loss, all [B, T] (masked positions are not zeroed)."""
+    """Per-token pieces of the loss, all [B, T] (at masked positions: the terms of all-zero
+    inputs, not garbage; they count nowhere)."""
 
     loss: torch.Tensor
     """Total per-token loss l."""
@@ -72,10 +78,22 @@ def token_losses(
     ref_logprobs: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
 ) -> TokenLosses:
-    """Per-token loss terms under the clip, dual-clip, GSPO, TIS, KL and entropy knobs of cfg."""
-    adv = _check_inputs(cfg, logprobs, old_logprobs, advantages, loss_mask,
-                        rollout_logprobs=rollout_logprobs, ref_logprobs=ref_logprobs,
-                        entropy=entropy)
+    """Per-token loss terms under the clip, dual-clip, GSPO, TIS, KL and entropy knobs of cfg.
+
+    Every input is read as 0 at masked tokens (whatever they hold there), so every term and
+    gradient is finite at them; the ratio and the TIS weight clamp their log-ratio at
+    `LOG_RATIO_CLAMP` and the KL is bounded (`kl.KL_GAP_KNOT`), so live tokens at any finite
+    gap give finite values and gradients too.
+    """
+    adv = check_inputs(cfg, logprobs, old_logprobs, advantages, loss_mask,
+                       rollout_logprobs=rollout_logprobs, ref_logprobs=ref_logprobs,
+                       entropy=entropy)
+    live = loss_mask != 0
+    # Masked tokens may hold anything (NaN, +-inf, 1e30 padding): read them as 0 so that no
+    # value or gradient downstream ever sees them (their gradient is exactly 0).
+    logprobs, old_logprobs, rollout_logprobs, ref_logprobs, entropy = (
+        None if x is None else torch.where(live, x, torch.zeros_like(x))
+        for x in (logprobs, old_logprobs, rollout_logprobs, ref_logprobs, entropy))
     mask = loss_mask.to(logprobs.dtype)
     log_ratio = (logprobs - old_logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     if cfg.sequence_level_ratio:  # GSPO eq. 7: length-normalised sequence ratio
@@ -202,29 +220,49 @@ def summarize_stats(summed: Mapping[str, float]) -> dict[str, float]:
     return out
 
 
-def make_loss_fn(cfg: AlgorithmConfig, denominator: torch.Tensor | float
+PolicyLoss = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
+"""A function with `policy_loss`'s signature (the fused kernel's dispatcher is one)."""
+
+
+def make_loss_fn(cfg: AlgorithmConfig, denominator: torch.Tensor | float, *,
+                 on_policy: bool = False, loss: PolicyLoss = policy_loss
                  ) -> Callable[[torch.Tensor, Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-    """The actor's `LossFn`: reads `mb.loss_mask` and `mb.extras` (`advantages`, and
-    `old_logprobs`, `rollout_logprobs`, `ref_logprobs`, `entropy` where used). Without
-    `old_logprobs` the update is on-policy: logp_old = logp detached (ratio 1, same gradient)."""
+    """The actor's `LossFn`: reads `mb.loss_mask` and `mb.extras` (`advantages`,
+    `old_logprobs`, and `rollout_logprobs`, `ref_logprobs`, `entropy` where present) and
+    returns `loss(cfg, ...)` (`policy_loss` unless a backend passes its own).
+
+    Missing `old_logprobs` is an error: the ratio would silently be 1. Only with
+    `on_policy=True` does their absence mean logp_old = logp detached (ratio 1, same gradient);
+    old log-probs that are present are always used. `needs_entropy` is set when the entropy
+    bonus is on, so the actor computes the entropy.
+    """
 
     def fn(logprobs: torch.Tensor, mb: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         extras = mb.extras
         if "advantages" not in extras:
             raise ValueError("micro-batch extras lack 'advantages' ([b] or [b, s])")
-        old = extras.get("old_logprobs", logprobs.detach())
-        return policy_loss(cfg, logprobs, old, extras["advantages"], mb.loss_mask, denominator,
-                           rollout_logprobs=extras.get("rollout_logprobs"),
-                           ref_logprobs=extras.get("ref_logprobs"), entropy=extras.get("entropy"))
+        if "old_logprobs" in extras:
+            old = extras["old_logprobs"]
+        elif on_policy:
+            old = logprobs.detach()
+        else:
+            raise ValueError("micro-batch extras lack 'old_logprobs' ([b, s], the log-probs of "
+                             "the policy that the samples are scored against); pass "
+                             "on_policy=True to use the current log-probs, detached")
+        return loss(cfg, logprobs, old, extras["advantages"], mb.loss_mask, denominator,
+                    rollout_logprobs=extras.get("rollout_logprobs"),
+                    ref_logprobs=extras.get("ref_logprobs"), entropy=extras.get("entropy"))
 
+    fn.needs_entropy = cfg.entropy_coef > 0
     return fn
 
 
-def _check_inputs(cfg: AlgorithmConfig, logprobs: torch.Tensor, old_logprobs: torch.Tensor,
-                  advantages: torch.Tensor, loss_mask: torch.Tensor, *,
-                  rollout_logprobs: torch.Tensor | None, ref_logprobs: torch.Tensor | None,
-                  entropy: torch.Tensor | None) -> torch.Tensor:
-    """Shape checks; returns the advantages broadcast to [B, T]."""
+def check_inputs(cfg: AlgorithmConfig, logprobs: torch.Tensor, old_logprobs: torch.Tensor,
+                 advantages: torch.Tensor, loss_mask: torch.Tensor, *,
+                 rollout_logprobs: torch.Tensor | None, ref_logprobs: torch.Tensor | None,
+                 entropy: torch.Tensor | None) -> torch.Tensor:
+    """Shape and presence checks of the loss inputs (every implementation of the loss runs
+    them); returns the advantages broadcast to [B, T] in the log-probs' dtype."""
     check_ndim("logprobs", logprobs, 2, "[B, T]")
     check_nonempty("logprobs", logprobs)
     shape = tuple(logprobs.shape)
