@@ -277,6 +277,10 @@ def _check_lengths(cfg: RunConfig) -> None:
             f"{cfg.algorithm.mini_batches} mini-batches of at least micro_batch_size*dp = "
             f"{per_update} samples do not fit in a step's {samples} samples",
             f"use algorithm.mini_batches <= {max(1, samples // per_update)}")
+    require(cfg.rollout.over_sampling == 1.0 or cfg.algorithm.dynamic_sampling,
+            "rollout.over_sampling", f"{cfg.rollout.over_sampling} draws extra prompts only for "
+            "dynamic sampling, which is off (every drawn group is kept)",
+            "set algorithm.dynamic_sampling=true or rollout.over_sampling=1.0")
     group = cfg.rollout.n_samples_per_prompt
     needs_group = cfg.algorithm.advantage_estimator == "rloo" or cfg.algorithm.dynamic_sampling
     require(group >= 2 or not needs_group, "rollout.n_samples_per_prompt",

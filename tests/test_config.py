@@ -313,3 +313,86 @@ def test_section_errors_name_the_full_dotted_key() -> None:
         from_dict(RunConfig, {"model": {"num_layers": 0}})
     with pytest.raises(ConfigError, match=r"^config error: rewards\.functions\[1\]\.name: is"):
         from_dict(RunConfig, {"rewards": {"functions": [{"name": "a"}, {"name": " "}]}})
+
+
+# ---- sections built in Python behave like YAML ones --------------------------------------------
+
+
+def test_python_construction_validates_and_names_the_field() -> None:
+    with pytest.raises(ConfigError, match=r"^config error: eps_low: must be in \[0, 1\)"):
+        AlgorithmConfig(eps_low=2.0)
+    with pytest.raises(ConfigError, match=r"^config error: eps_lo: unknown key; did you mean "
+                                          r"'eps_low'\?"):
+        AlgorithmConfig(eps_lo=0.1)  # type: ignore[call-arg]
+    with pytest.raises(ConfigError, match=r"^config error: num_layers: got str '2'; expected int"):
+        ModelConfig(num_layers="2")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"^config error: model: got dict"):
+        RunConfig(model={"num_layers": 2})  # type: ignore[arg-type]
+
+
+def test_python_preset_fills_only_fields_not_given() -> None:
+    alg = AlgorithmConfig(preset="dapo", eps_high=0.3)
+    assert alg.eps_high == pytest.approx(0.3)
+    assert (alg.eps_low, alg.loss_agg, alg.dynamic_sampling, alg.overlong_penalty) == (
+        0.2, "token_mean", True, True)
+    assert AlgorithmConfig(preset="grpo").kl_coef == pytest.approx(0.001)
+    assert AlgorithmConfig(preset="grpo", kl_coef=0.0).kl_coef == 0.0  # a given default wins
+    yaml_alg = load_config(None, ["algorithm.preset=dapo", "algorithm.eps_high=0.3"],
+                           world_size=1).algorithm
+    assert dataclasses.replace(yaml_alg, overlong_max_len=None, overlong_cache_len=None) == alg
+
+
+def test_replace_revalidates_and_keeps_the_values_set() -> None:
+    alg = AlgorithmConfig(preset="dapo", eps_high=0.3, kl_coef=0.01)
+    again = dataclasses.replace(alg, eps_low=0.1)
+    assert (again.eps_low, again.eps_high, again.kl_coef) == (0.1, 0.3, 0.01)
+    assert dataclasses.replace(alg, kl_coef=0.0).kl_coef == 0.0  # preset not re-applied
+    with pytest.raises(ConfigError, match=r"^config error: eps_low: "):
+        dataclasses.replace(alg, eps_low=-1.0)
+    with pytest.raises(ConfigError, match=r"^config error: mini_batches: got float"):
+        dataclasses.replace(alg, mini_batches=2.0)
+    cfg = load_config(TINY, world_size=1)
+    with pytest.raises(ConfigError, match=r"^config error: steps: must be >= 1"):
+        dataclasses.replace(cfg.train, steps=0)
+
+
+def test_yaml_numbers_keep_todays_coercions(tmp_path: Path) -> None:
+    """int for float (stored as float), exponent floats without a dot; no bool as a number, no
+    string parsed into one."""
+    path = write_yaml(tmp_path, "algorithm:\n  kl_coef: 0\n  dual_clip_c: 3\nactor:\n"
+                                "  lr: 1e-4\n  min_lr: 0\nrollout:\n  temperature: 1\n")
+    cfg = load_config(path, world_size=1)
+    for value in (cfg.algorithm.kl_coef, cfg.algorithm.dual_clip_c, cfg.actor.lr,
+                  cfg.actor.min_lr, cfg.rollout.temperature):
+        assert type(value) is float
+    assert (cfg.algorithm.kl_coef, cfg.algorithm.dual_clip_c, cfg.actor.lr) == (0.0, 3.0, 1e-4)
+    assert "algorithm.kl_coef: got bool True; expected float" in load_error(
+        ["algorithm.kl_coef=true"])
+    assert "actor.lr: got str '1e-4x'; expected float" in load_error(["actor.lr=1e-4x"])
+    assert "actor.lr: got str '0.1'; expected float" in load_error(["actor.lr='0.1'"])
+    assert "model.moe_layer_freq: got list [1, 'a']; expected int or list[int]" in load_error(
+        ["model.moe_layer_freq=[1, a]"])
+    assert "eval.k[1]: got str 'a'; expected int" in load_error(["eval.k=[1, a]"])
+    assert "data.task_kwargs (key 1)" in load_error(["data.task_kwargs={1: 2}"])
+    assert "rewards.functions[0]: got int 5; expected a mapping" in load_error(
+        ["rewards.functions=[5]"])
+    assert from_dict(AlgorithmConfig, {"kl_coef": 0}).kl_coef == 0.0
+    assert from_dict(RunConfig, {"eval": {"k": (1, 2)}}).eval.k == [1, 2]  # tuple as list
+
+
+def test_configs_survive_pickle_and_deepcopy() -> None:
+    import copy
+    import pickle
+
+    cfg = load_config(TINY, world_size=1)
+    assert pickle.loads(pickle.dumps(cfg)) == cfg and copy.deepcopy(cfg) == cfg
+
+
+def test_settings_that_nothing_would_read_are_refused() -> None:
+    """No silent settings: a value only another mode reads is an error naming it."""
+    message = load_error(["algorithm.overlong_penalty=false", "algorithm.overlong_max_len=40"])
+    assert "algorithm.overlong_max_len" in message and "overlong_penalty" in message
+    message = load_error(["algorithm.loss_norm_len=40"])  # tiny: token_mean
+    assert "algorithm.loss_norm_len" in message and "seq_mean_token_sum_norm" in message
+    message = load_error(["algorithm.dynamic_sampling=false", "rollout.over_sampling=2"])
+    assert "rollout.over_sampling" in message and "dynamic_sampling" in message

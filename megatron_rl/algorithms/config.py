@@ -97,3 +97,11 @@ class AlgorithmConfig:
             require(self.overlong_cache_len < self.overlong_max_len, "overlong_cache_len",
                     f"{self.overlong_cache_len} is not below overlong_max_len="
                     f"{self.overlong_max_len}", "use a cache shorter than the maximum length")
+        # No silent settings: lengths that only one mode reads are refused in the others.
+        for name in ("overlong_max_len", "overlong_cache_len"):
+            require(self.overlong_penalty or getattr(self, name) is None, name,
+                    "is set but overlong_penalty is false, so nothing reads it",
+                    "set algorithm.overlong_penalty=true or leave it null")
+        require(self.loss_norm_len is None or self.loss_agg == "seq_mean_token_sum_norm",
+                "loss_norm_len", f"is read only by loss_agg=seq_mean_token_sum_norm, not "
+                f"{self.loss_agg}", "set loss_agg=seq_mean_token_sum_norm or leave it null")
