@@ -86,9 +86,7 @@ class RLBatch:
                 tokens=self.tokens[s], labels=self.labels[s], loss_mask=self.loss_mask[s],
                 advantages=self.advantages[s], rollout_logprobs=self.rollout_logprobs[s],
                 old_logprobs=_part(self.old_logprobs, s), ref_logprobs=_part(self.ref_logprobs, s),
-                routed_experts=_part(self.routed_experts, s),
-                extras={"advantages": self.advantages[s],  # TRANSITION: loss fns read typed
-                        "rollout_logprobs": self.rollout_logprobs[s]}))
+                routed_experts=_part(self.routed_experts, s)))
         return out
 
 

@@ -20,7 +20,6 @@ import dataclasses
 import datetime
 import json
 import math
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -361,11 +360,11 @@ class Trainer:
         with self.timer("actor"):
             logprobs, agreement = self.actor.logprobs_and_routing(mbs, temperature)
             for mb, logp in zip(mbs, logprobs, strict=True):
-                mb.old_logprobs = mb.extras["old_logprobs"] = logp  # TRANSITION
+                mb.old_logprobs = logp
             if self.reference is not None:
                 for mb, logp in zip(mbs, self.reference.logprobs(self.actor, mbs, temperature),
                                     strict=True):
-                    mb.ref_logprobs = mb.extras["ref_logprobs"] = logp  # TRANSITION
+                    mb.ref_logprobs = logp
         return agreement
 
     def update(self, updates: list[list[MicroBatch]]) -> StepResult:
@@ -386,7 +385,7 @@ class Trainer:
         alg = self.cfg.algorithm
         den = self.actor.dp_sum(denominator(alg.loss_agg, [mb.loss_mask for mb in mbs],
                                             alg.loss_norm_len))
-        fn = policy_loss_fn(alg, den)
+        fn = policy_loss_fn(alg, den, backend=self.cfg.actor.kernels)
         fn.needs_entropy = True
         return fn
 
@@ -557,88 +556,3 @@ class Trainer:
     def _say(self, line: str) -> None:
         if self.rank == 0:
             print(line, flush=True)
-
-
-# ---- `megatron-rl train` ---------------------------------------------------------------------
-
-def cli_main(args: Any) -> int:
-    """`megatron-rl train CONFIG [--set K=V] [--resume]`: the demo's base model when the config
-    asks for one, held-out eval of the starting policy, RL, held-out eval again, and a before /
-    after summary. Exit 0 also when a stop signal ended the run (it saved a checkpoint)."""
-    import sys
-
-    from megatron_rl.config import ConfigError, load_config
-    from megatron_rl.rollout.engine import EngineError
-
-    start = time.monotonic()
-    overrides = list(args.overrides) + (["checkpoint.resume=true"] if args.resume else [])
-    try:
-        cfg = load_config(args.config, overrides)
-        cfg = _with_base_model(cfg)
-        trainer = Trainer(cfg)
-    except (ConfigError, ValueError, OSError, EngineError) as err:
-        print(f"megatron-rl train: {err}", file=sys.stderr)
-        return 1
-    try:
-        before = _eval_before(trainer) if cfg.eval.size != 0 else None
-        trainer.run()
-        if trainer.stopped_by_signal:
-            return 0
-        after = trainer.evaluate() if before is not None else None
-        if trainer.rank == 0 and before is not None and after is not None:
-            print(_summary(cfg, before, after), flush=True)
-        if trainer.rank == 0:
-            from megatron_rl.metrics.logger import format_duration
-
-            print(f"megatron-rl train: done in {format_duration(time.monotonic() - start)}",
-                  flush=True)
-    finally:
-        from megatron_rl.actor.parallel import destroy_distributed
-
-        destroy_distributed()
-    return 0
-
-
-def _with_base_model(cfg: RunConfig) -> RunConfig:
-    """`cfg` starting from the demo's pre-trained base (built and cached on first use) when
-    `pretrain.steps > 0` and no `checkpoint.load` is given."""
-    if cfg.pretrain.steps == 0 or cfg.checkpoint.load:
-        return cfg
-    from megatron_rl.pretrain import ensure_base_model
-
-    rank0 = int(os.environ.get("RANK", "0")) == 0
-    base = ensure_base_model(cfg, log=lambda line: print(line, flush=True) if rank0 else None)
-    return dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint,
-                                                                   load=str(base)))
-
-
-def _eval_before(trainer: Trainer) -> dict[str, float]:
-    """The starting policy's eval metrics, kept in `<output_dir>/eval/before.json` so that a
-    resumed run still reports them."""
-    file = Path(trainer.cfg.train.output_dir) / "eval" / "before.json"
-    if trainer.resumed_from is not None and file.is_file():
-        return json.loads(file.read_text())
-    if trainer.resumed_from is not None:
-        return {}
-    metrics = trainer.evaluate()
-    if trainer.rank == 0:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        file.write_text(json.dumps(metrics, indent=1) + "\n")
-        print(f"held-out accuracy before RL: {metrics['eval/accuracy']:.1%} "
-              f"(pass@1 over {trainer.cfg.eval.n_samples} samples per problem)", flush=True)
-    return metrics
-
-
-def _summary(cfg: RunConfig, before: dict[str, float], after: dict[str, float]) -> str:
-    """Before/after table of the eval metrics, accuracy first."""
-    keys = ["eval/accuracy"] + [k for k in after if k != "eval/accuracy"]
-    lines = [f"held-out evaluation ({cfg.data.task}): before RL -> after {cfg.train.steps} steps",
-             f"  {'metric':<22}{'before':>9}{'after':>9}{'change':>9}"]
-    for k in keys:
-        b, a = before.get(k, math.nan), after[k]
-        lines.append(f"  {k:<22}{b:>9.3f}{a:>9.3f}{a - b:>+9.3f}")
-    acc_b, acc_a = before.get("eval/accuracy", math.nan), after["eval/accuracy"]
-    lines.append(f"accuracy {acc_b:.1%} -> {acc_a:.1%} ({(acc_a - acc_b) * 100:+.1f} points); "
-                 f"curves: {cfg.train.output_dir}/learning_curve.png, tensorboard --logdir "
-                 f"{cfg.logging.log_dir}")
-    return "\n".join(lines)

@@ -232,13 +232,13 @@ def policy_impl_worker(impl: str) -> dict:
     mbs = _batch(cfg.model.vocab_size)
     g = torch.Generator().manual_seed(3)
     for mb, logp in zip(mbs, actor.logprobs(mbs), strict=True):
-        mb.extras.update(advantages=torch.randn(2, generator=g),
-                         old_logprobs=logp + 0.3 * torch.randn(logp.shape, generator=g),
-                         ref_logprobs=logp + 0.1 * torch.randn(logp.shape, generator=g))
+        mb.advantages = torch.randn(2, generator=g)
+        mb.old_logprobs = logp + 0.3 * torch.randn(logp.shape, generator=g)
+        mb.ref_logprobs = logp + 0.1 * torch.randn(logp.shape, generator=g)
     alg = dataclasses.replace(cfg.algorithm, kl_coef=0.05, entropy_coef=0.01)
     den = denominator(alg.loss_agg, [mb.loss_mask for mb in mbs])
     fn = policy_loss_fn(alg, den) if impl == "kernel" else make_loss_fn(alg, den)
-    if impl == "algorithms":  # the library reads the entropy from the extras as well
+    if impl == "algorithms":  # the library reads the entropy from the micro-batch too
         fn.needs_entropy = True
     res = actor.train_step(mbs, fn)
     return {"stats": res.stats, "grad_norm": res.grad_norm}

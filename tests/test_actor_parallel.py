@@ -227,8 +227,8 @@ def policy_worker(overrides: list[str], init_root: str, rows_per_mb: int, loss_a
                       mask[i : i + rows_per_mb]) for i in range(lo, hi, rows_per_mb)]
     for j, (mb, logp) in enumerate(zip(mbs, actor.logprobs(mbs), strict=True)):
         i = lo + j * rows_per_mb
-        mb.extras["old_logprobs"] = logp + drift[i : i + rows_per_mb]
-        mb.extras["advantages"] = advantages[i : i + rows_per_mb]
+        mb.old_logprobs = logp + drift[i : i + rows_per_mb]
+        mb.advantages = advantages[i : i + rows_per_mb]
     den = denominator(loss_agg, [mb.loss_mask for mb in mbs])
     dist.all_reduce(den, group=ps.get_data_parallel_group())
     alg = dataclasses.replace(cfg.algorithm, loss_agg=loss_agg)

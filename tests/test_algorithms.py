@@ -392,32 +392,38 @@ def test_reduce_stats_sums_and_takes_max_of_max_keys() -> None:
     assert out == {"tokens": 5.0, "ratio_max": 1.5}
 
 
+def _mb(**fields: object) -> SimpleNamespace:
+    """A micro-batch stand-in with the typed fields a loss reads (unset ones None)."""
+    empty = dict.fromkeys(("advantages", "old_logprobs", "rollout_logprobs", "ref_logprobs",
+                           "entropy"))
+    return SimpleNamespace(**{**empty, **fields})
+
+
 def test_make_loss_fn_reads_the_micro_batch() -> None:
     cfg = AlgorithmConfig(loss_agg="token_mean")
     logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
     old = torch.tensor([[-1.0 - math.log(1.1), -2.0]])  # ratios 1.1 and 1
-    mb = SimpleNamespace(loss_mask=torch.tensor([[1.0, 1.0]]),
-                         extras={"advantages": torch.tensor([2.0]), "old_logprobs": old})
+    mb = _mb(loss_mask=torch.tensor([[1.0, 1.0]]), advantages=torch.tensor([2.0]),
+             old_logprobs=old)
     loss, stats = make_loss_fn(cfg, 4.0)(logp, mb)
     assert loss.item() == pytest.approx(-2.0 * (1.1 + 1.0) / 4)
     assert stats["tokens"].item() == 2 and stats["ratio_max"].item() == pytest.approx(1.1)
     with pytest.raises(ValueError, match="advantages"):
-        make_loss_fn(cfg, 4.0)(logp, SimpleNamespace(loss_mask=mb.loss_mask, extras={}))
+        make_loss_fn(cfg, 4.0)(logp, _mb(loss_mask=mb.loss_mask))
 
 
 def test_make_loss_fn_without_old_logprobs_is_an_error_unless_on_policy() -> None:
     cfg = AlgorithmConfig(loss_agg="token_mean")
     logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
-    mb = SimpleNamespace(loss_mask=torch.tensor([[1.0, 1.0]]),
-                         extras={"advantages": torch.tensor([2.0])})
-    with pytest.raises(ValueError, match="'old_logprobs'"):
+    mb = _mb(loss_mask=torch.tensor([[1.0, 1.0]]), advantages=torch.tensor([2.0]))
+    with pytest.raises(ValueError, match="old_logprobs"):
         make_loss_fn(cfg, 4.0)(logp, mb)
     loss, stats = make_loss_fn(cfg, 4.0, on_policy=True)(logp, mb)  # ratio exactly 1
     assert loss.item() == pytest.approx(-2.0 * 2 / 4) and stats["ratio_max"].item() == 1.0
     loss.backward()
     assert logp.grad.tolist() == [approx([-2.0 / 4, -2.0 / 4])]  # d(-A r)/dlogp = -A r / den
     # Old log-probs that are there are used, on-policy or not.
-    mb.extras["old_logprobs"] = logp.detach() - math.log(2.0)
+    mb.old_logprobs = logp.detach() - math.log(2.0)
     _, stats = make_loss_fn(cfg, 4.0, on_policy=True)(logp, mb)
     assert stats["ratio_max"].item() == pytest.approx(2.0)
 

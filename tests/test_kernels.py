@@ -326,12 +326,12 @@ def test_policy_loss_fn_torch_is_the_algorithms_bit_for_bit(features: str, gspo:
     cfg = AlgorithmConfig(loss_agg="seq_mean_token_mean", sequence_level_ratio=gspo,
                           **FEATURES[features])
     lp0, old, ref, roll, adv, mask, ent = _policy_inputs(3, extreme=True)
-    extras = dict(advantages=adv, old_logprobs=old, ref_logprobs=ref, rollout_logprobs=roll,
-                  entropy=ent)
+    mb = SimpleNamespace(loss_mask=mask, advantages=adv, old_logprobs=old, ref_logprobs=ref,
+                         rollout_logprobs=roll, entropy=ent)
     lp = lp0.clone().requires_grad_()
     fn = policy_loss_fn(cfg, 17.0, backend="torch")
     assert fn.needs_entropy == (cfg.entropy_coef > 0)
-    loss, stats = fn(lp, SimpleNamespace(loss_mask=mask, extras=extras))
+    loss, stats = fn(lp, mb)
     loss.backward()
     lp2 = lp0.clone().requires_grad_()
     loss2, stats2 = policy_loss(cfg, lp2, old, adv, mask, 17.0, ref_logprobs=ref,
@@ -347,8 +347,9 @@ def test_policy_loss_fn_needs_old_logprobs_unless_on_policy() -> None:
     from megatron_rl.algorithms.config import AlgorithmConfig
 
     lp, _, _, _, adv, mask, _ = _policy_inputs(4)
-    mb = SimpleNamespace(loss_mask=mask, extras={"advantages": adv})
-    with pytest.raises(ValueError, match="'old_logprobs'"):
+    mb = SimpleNamespace(loss_mask=mask, advantages=adv, old_logprobs=None, ref_logprobs=None,
+                         rollout_logprobs=None, entropy=None)
+    with pytest.raises(ValueError, match="old_logprobs"):
         policy_loss_fn(AlgorithmConfig(), 5.0, backend="torch")(lp, mb)
     _, stats = policy_loss_fn(AlgorithmConfig(), 5.0, backend="torch", on_policy=True)(lp, mb)
     assert float(stats["ratio_max"]) == 1.0

@@ -140,8 +140,8 @@ def _kl_steps(cfg, actor, mbs) -> list[float]:
     for _ in range(2):
         old, ref_lp = actor.logprobs(mbs), ref.logprobs(actor, mbs)
         for mb, o, r in zip(mbs, old, ref_lp, strict=True):
-            mb.extras.update(old_logprobs=o, ref_logprobs=r,
-                             advantages=torch.randn(mb.tokens.shape[0], generator=g))
+            mb.old_logprobs, mb.ref_logprobs = o, r
+            mb.advantages = torch.randn(mb.tokens.shape[0], generator=g)
         res = actor.train_step(mbs, policy_loss_fn(alg, den))
         assert res.updated
         kls.append(res.stats["kl_sum"] / res.stats["tokens"])

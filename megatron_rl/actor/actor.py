@@ -119,7 +119,8 @@ class Actor:
 
     def shape(self, seq_length: int, micro_batch_size: int, temperature: float = 1.0) -> StepShape:
         """The static shapes of a batch of micro-batches."""
-        return StepShape(seq_length, micro_batch_size, self.model_cfg.vocab_size, temperature)
+        return StepShape(seq_length, micro_batch_size, self.model_cfg.vocab_size, temperature,
+                         kernels=self.actor_cfg.kernels)
 
     def train_step(
         self, microbatches: Sequence[MicroBatch], loss_fn: LossFn, temperature: float = 1.0

@@ -1,7 +1,7 @@
 """The actor's policy loss on the configured kernel backend (`ActorConfig.kernels`): the fused
 Triton kernel where the backend picks it, else the algorithms library's `policy_loss` itself
 (also for GSPO's sequence-level ratio, which has no kernel). Same contract either way
-(DESIGN.md section 4, `step.LossFn`): the micro-batch's loss over the step's global
+(docs/design.md section 4, `step.LossFn`): the micro-batch's loss over the step's global
 denominator, plus summable statistics.
 """
 
@@ -20,9 +20,9 @@ from megatron_rl.kernels.policy_loss import fused_policy_loss
 
 def policy_loss_fn(alg: AlgorithmConfig, denominator: torch.Tensor | float,
                    backend: KernelBackend | str = "auto", *, on_policy: bool = False) -> LossFn:
-    """`LossFn` for `alg` on kernel `backend` (pass `actor_cfg.kernels`), reading `mb.extras`
-    as `algorithms.make_loss_fn` does: `advantages`, `old_logprobs` (missing is an error unless
-    `on_policy`), and where present `rollout_logprobs`, `ref_logprobs`, `entropy` (computed by
-    the actor when `needs_entropy`)."""
+    """`LossFn` for `alg` on kernel `backend` (pass `actor_cfg.kernels`), reading the
+    micro-batch as `algorithms.make_loss_fn` does: `advantages`, `old_logprobs` (missing is an
+    error unless `on_policy`), and where set `rollout_logprobs`, `ref_logprobs`, `entropy`
+    (computed by the actor when `needs_entropy`)."""
     return make_loss_fn(alg, denominator, on_policy=on_policy,
                         loss=functools.partial(fused_policy_loss, backend=backend))

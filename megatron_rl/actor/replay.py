@@ -182,7 +182,7 @@ def routing_agreement(engine_experts: torch.Tensor, actor_experts: torch.Tensor,
     return per_token.mean(-1).tolist()
 
 
-def _to_router_order(x_bs: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
+def to_router_order(x_bs: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
     """[b, s, ...] -> [s * b, ...] in Megatron's token order, this TP rank's slice under SP."""
     sb = x_bs.transpose(0, 1)
     tp = ps.get_tensor_model_parallel_world_size()
@@ -209,8 +209,8 @@ def engine_routing(actor: Any, microbatches: Sequence[Any], replay: bool
     if replay and actor.actor_cfg.recompute != "none":
         raise ValueError("routing replay with actor.recompute != none is not supported")
     sp = bool(actor.config.sequence_parallel)
-    targets = [_to_router_order(mb.routed_experts, sp) for mb in microbatches]  # [N, L, K]
-    masks = [_to_router_order(mb.loss_mask, sp) != 0 for mb in microbatches]  # [N]
+    targets = [to_router_order(mb.routed_experts, sp) for mb in microbatches]  # [N, L, K]
+    masks = [to_router_order(mb.loss_mask, sp) != 0 for mb in microbatches]  # [N]
     action = RouterReplayAction.REPLAY_FORWARD if replay else RouterReplayAction.RECORD
     handles = []
     for layer, router in routers:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -48,8 +48,6 @@ class MicroBatch:
     routed_experts: torch.Tensor | None = None
     """Experts the engine chose per position [b, s, L, E] (L = MoE layers of the whole model):
     replayed by the routers when routing replay is on, compared with theirs otherwise."""
-    extras: dict[str, torch.Tensor] = field(default_factory=dict)
-    """Further per-token or per-sequence tensors for a custom loss."""
 
     def positions(self) -> torch.Tensor:
         if self.position_ids is not None:
@@ -62,7 +60,7 @@ LossFn = Callable[[torch.Tensor, MicroBatch], tuple[torch.Tensor, dict[str, torc
 """(logprobs [b, s], micro-batch) -> (loss of this micro-batch over the global denominator,
 statistics to combine over micro-batches and DP ranks: sums, or maxima for keys ending in
 `_max`). A loss with `needs_entropy = True` also finds the per-token entropy [b, s] in
-`mb.extras["entropy"]`."""
+`mb.entropy`."""
 
 
 def nll_loss(global_tokens: float) -> LossFn:
@@ -77,12 +75,14 @@ def nll_loss(global_tokens: float) -> LossFn:
 
 @dataclass(frozen=True)
 class StepShape:
-    """What the pipeline schedule needs to size its p2p buffers."""
+    """What the pipeline schedule needs to size its p2p buffers, and how log-probs are taken."""
 
     seq_length: int
     micro_batch_size: int
     vocab_size: int
     temperature: float = 1.0
+    kernels: str = "auto"
+    """Kernel backend of the log-prob pass (`ActorConfig.kernels`)."""
 
 
 def _forward_step(
@@ -99,11 +99,12 @@ def _forward_step(
         batch = mb
         if getattr(loss_fn, "needs_entropy", False):  # entropy bonus: one pass gives both
             logprobs, entropy = token_logprobs_and_entropy(
-                logits_bsv, mb.labels, shape.vocab_size, shape.temperature)
-            batch = dataclasses.replace(mb, entropy=entropy,
-                                        extras={**mb.extras, "entropy": entropy})
+                logits_bsv, mb.labels, shape.vocab_size, shape.temperature,
+                backend=shape.kernels)
+            batch = dataclasses.replace(mb, entropy=entropy)
         else:
-            logprobs = token_logprobs(logits_bsv, mb.labels, shape.vocab_size, shape.temperature)
+            logprobs = token_logprobs(logits_bsv, mb.labels, shape.vocab_size, shape.temperature,
+                                      backend=shape.kernels)
         if loss_fn is None:  # forward only: hand back the log-probs
             return torch.zeros((), device=logits_bsv.device), {"logprobs": logprobs.detach()}
         loss, stats = loss_fn(logprobs, batch)

@@ -227,9 +227,9 @@ PolicyLoss = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 def make_loss_fn(cfg: AlgorithmConfig, denominator: torch.Tensor | float, *,
                  on_policy: bool = False, loss: PolicyLoss = policy_loss
                  ) -> Callable[[torch.Tensor, Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-    """The actor's `LossFn`: reads `mb.loss_mask` and `mb.extras` (`advantages`,
-    `old_logprobs`, and `rollout_logprobs`, `ref_logprobs`, `entropy` where present) and
-    returns `loss(cfg, ...)` (`policy_loss` unless a backend passes its own).
+    """The actor's `LossFn`: reads the micro-batch's typed fields (`loss_mask`, `advantages`,
+    `old_logprobs`, and `rollout_logprobs`, `ref_logprobs`, `entropy` where set) and returns
+    `loss(cfg, ...)` (`policy_loss` unless a backend passes its own).
 
     Missing `old_logprobs` is an error: the ratio would silently be 1. Only with
     `on_policy=True` does their absence mean logp_old = logp detached (ratio 1, same gradient);
@@ -238,20 +238,19 @@ def make_loss_fn(cfg: AlgorithmConfig, denominator: torch.Tensor | float, *,
     """
 
     def fn(logprobs: torch.Tensor, mb: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        extras = mb.extras
-        if "advantages" not in extras:
-            raise ValueError("micro-batch extras lack 'advantages' ([b] or [b, s])")
-        if "old_logprobs" in extras:
-            old = extras["old_logprobs"]
+        if mb.advantages is None:
+            raise ValueError("micro-batch has no advantages ([b] or [b, s])")
+        if mb.old_logprobs is not None:
+            old = mb.old_logprobs
         elif on_policy:
             old = logprobs.detach()
         else:
-            raise ValueError("micro-batch extras lack 'old_logprobs' ([b, s], the log-probs of "
-                             "the policy that the samples are scored against); pass "
+            raise ValueError("micro-batch has no old_logprobs ([b, s], the log-probs of the "
+                             "policy that the samples are scored against); pass "
                              "on_policy=True to use the current log-probs, detached")
-        return loss(cfg, logprobs, old, extras["advantages"], mb.loss_mask, denominator,
-                    rollout_logprobs=extras.get("rollout_logprobs"),
-                    ref_logprobs=extras.get("ref_logprobs"), entropy=extras.get("entropy"))
+        return loss(cfg, logprobs, old, mb.advantages, mb.loss_mask, denominator,
+                    rollout_logprobs=mb.rollout_logprobs, ref_logprobs=mb.ref_logprobs,
+                    entropy=mb.entropy)
 
     fn.needs_entropy = cfg.entropy_coef > 0
     return fn
