@@ -1,5 +1,6 @@
-"""`megatron-rl profile`: time, bytes moved, FLOP/s and peak memory of the fused kernels, and
-(`--compile-only`) an ahead-of-time sm_90a build of every Triton kernel with its resources.
+"""What `megatron-rl profile` measures: time, bytes moved, FLOP/s and peak memory of the fused
+kernels, and (`--compile-only`) an ahead-of-time sm_90a build of every Triton kernel with its
+resources.
 
 Shapes: T tokens, V vocabulary, TP ranks (each rank's slice is ceil(V / TP) columns). On a GPU
 the Triton path is timed and compared with the device's bf16 peak and HBM bandwidth; on CPU it
@@ -10,8 +11,6 @@ per logit forward, ~8 backward), not hardware counters.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
 import re
@@ -20,34 +19,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from typing import Any
 
 GPU_PEAKS = {  # name fragment: (dense bf16 FLOP/s, HBM bytes/s)
     "H200": (989e12, 4.8e12), "H100": (989e12, 3.35e12), "A100": (312e12, 2.0e12)}
 REGS_PER_SM, SHARED_PER_SM, MAX_WARPS_PER_SM, MAX_CTAS_PER_SM = 65536, 228 * 1024, 64, 32
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of `megatron-rl profile` (argparse only; nothing heavy is imported here)."""
-    parser.add_argument("--tokens", type=int, nargs="+", default=[4096],
-                        help="tokens per call (rows of the logits)")
-    parser.add_argument("--vocab", type=int, nargs="+", default=[129280, 152064],
-                        help="full vocabulary sizes")
-    parser.add_argument("--tp", type=int, nargs="+", default=[1],
-                        help="tensor-parallel sizes (each rank holds ceil(V/TP) columns)")
-    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
-                        help="logits dtype")
-    parser.add_argument("--kernels", nargs="+", choices=["logprobs", "policy_loss"],
-                        default=["logprobs", "policy_loss"])
-    parser.add_argument("--backend", choices=["auto", "triton", "torch"], default="auto",
-                        help="kernel backend, as actor.kernels (auto: Triton on CUDA, torch on "
-                        "CPU)")
-    parser.add_argument("--iters", type=int, default=5, help="timed calls per shape")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed calls first")
-    parser.add_argument("--compile-only", action="store_true",
-                        help="compile every Triton kernel for sm_90a (no GPU needed) and print "
-                        "registers / shared / local / stack per kernel; no timing")
-    parser.add_argument("--json", action="store_true", help="print JSON rows, not a table")
 
 
 # ---------------------------------------------------------------- ahead-of-time compilation
@@ -142,7 +119,7 @@ def compile_all() -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------- timing
-def _device_info() -> tuple[str, bool, tuple[float, float] | None]:
+def device_info() -> tuple[str, bool, tuple[float, float] | None]:
     import torch
 
     if torch.cuda.is_available():
@@ -207,53 +184,57 @@ def _policy_call(lp, old, adv, mask, ref, backend: str):
     return pl
 
 
-def profile_shapes(args: argparse.Namespace) -> list[dict[str, Any]]:
+def profile_shapes(tokens: list[int], vocab: list[int], tp_sizes: list[int],
+                   dtype: str = "bf16", kernels: Sequence[str] = ("logprobs", "policy_loss"),
+                   backend: str = "auto", iters: int = 5, warmup: int = 1) -> list[dict[str, Any]]:
+    """Time every (tokens, vocab, tp) shape of the chosen kernels; one row per kernel call with
+    ms, GB/s, GFLOP/s and peak memory (MB)."""
     import torch
 
     from megatron_rl.kernels import dispatch
 
-    _, cuda, _ = _device_info()
+    _, cuda, _ = device_info()
     dev = "cuda" if cuda else "cpu"
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     rows = []
-    for t in args.tokens:
-        for v in args.vocab:
-            for tp in args.tp:
-                if "logprobs" not in args.kernels:
+    for t in tokens:
+        for v in vocab:
+            for tp in tp_sizes:
+                if "logprobs" not in kernels:
                     break
                 vl = -(-v // tp)
-                x = torch.randn(t, vl, device=dev, dtype=dtype).requires_grad_()
+                x = torch.randn(t, vl, device=dev, dtype=torch_dtype).requires_grad_()
                 labels = torch.randint(0, vl, (t,), device=dev)
-                path = "triton" if dispatch.use_triton(x, args.backend) else "torch"
+                path = "triton" if dispatch.use_triton(x, backend) else "torch"
                 if cuda:
                     torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated() if cuda else 0.0
 
-                fwd, fwd_bwd = _logprob_calls(x, labels, v, args.backend)
+                fwd, fwd_bwd = _logprob_calls(x, labels, v, backend)
 
                 elems, es = t * vl, x.element_size()
                 for name, fn, nbytes, flops in (
                         ("logprobs fwd", fwd, elems * es, 6 * elems),
                         ("logprobs fwd+bwd", fwd_bwd, 4 * elems * es, 14 * elems)):
-                    sec = _timed(fn, args.iters, args.warmup, cuda)
+                    sec = _timed(fn, iters, warmup, cuda)
                     peak = ((torch.cuda.max_memory_allocated() - base) / 2**20 if cuda
                             else _rss_mb())
                     rows.append(dict(kernel=name, path=path, tokens=t, vocab=v, tp=tp,
-                                     dtype=args.dtype, ms=sec * 1e3, gbytes_s=nbytes / sec / 1e9,
+                                     dtype=dtype, ms=sec * 1e3, gbytes_s=nbytes / sec / 1e9,
                                      gflop_s=flops / sec / 1e9, peak_mb=peak))
                 del x
-    if "policy_loss" in args.kernels:
-        for t in args.tokens:
+    if "policy_loss" in kernels:
+        for t in tokens:
             lp = (torch.randn(t // 16 or 1, 16, device=dev) - 2).requires_grad_()
             old = lp.detach() + 0.1 * torch.randn_like(lp)
             ref, adv = lp.detach() + 0.1 * torch.randn_like(lp), torch.randn(lp.shape[0],
                                                                               device=dev)
             mask = torch.ones_like(lp)
-            path = "triton" if dispatch.use_triton(lp, args.backend) else "torch"
+            path = "triton" if dispatch.use_triton(lp, backend) else "torch"
 
-            pl = _policy_call(lp, old, adv, mask, ref, args.backend)
+            pl = _policy_call(lp, old, adv, mask, ref, backend)
 
-            sec = _timed(pl, args.iters, args.warmup, cuda)
+            sec = _timed(pl, iters, warmup, cuda)
             n = lp.numel()
             rows.append(dict(kernel="policy_loss fwd+bwd", path=path, tokens=n, vocab=0, tp=1,
                              dtype="fp32", ms=sec * 1e3, gbytes_s=7 * 4 * n / sec / 1e9,
@@ -263,45 +244,7 @@ def profile_shapes(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def _table(rows: list[dict[str, Any]], cols: list[str]) -> str:
-    def fmt(x: Any) -> str:
-        return f"{x:,.2f}" if isinstance(x, float) else str(x)
+if __name__ == "__main__":  # `python -m megatron_rl.kernels.profile ...` = `megatron-rl profile`
+    from megatron_rl.cli import main
 
-    cells = [cols] + [[fmt(r[c]) for c in cols] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True))
-                     for row in cells)
-
-
-def cli_main(args: argparse.Namespace) -> int:
-    """Run `megatron-rl profile`; returns the exit code (1 if an AOT kernel fails its check)."""
-    if args.compile_only:
-        rows = compile_all()
-        print("AOT compile for sm_90a (H100), Triton cuobjdump --dump-resource-usage")
-        print(json.dumps(rows, indent=1) if args.json else _table(
-            rows, ["kernel", "num_warps", "reg", "shared", "local", "stack", "ctas_per_sm",
-                   "min_ctas", "ok"]))
-        return 0 if all(r["ok"] for r in rows) else 1
-    name, cuda, peak = _device_info()
-    print(f"device: {name}" + ("" if cuda else " -- CPU: timing the chunked torch paths"))
-    rows = profile_shapes(args)
-    if peak is not None:
-        for r in rows:
-            r["pct_bf16_peak"] = 100 * r["gflop_s"] * 1e9 / peak[0]
-            r["pct_hbm"] = 100 * r["gbytes_s"] * 1e9 / peak[1]
-    cols = ["kernel", "path", "tokens", "vocab", "tp", "dtype", "ms", "gbytes_s", "gflop_s",
-            "peak_mb"] + (["pct_bf16_peak", "pct_hbm"] if peak is not None else [])
-    print(json.dumps(rows, indent=1) if args.json else _table(rows, cols))
-    if not cuda:
-        print("peak_mb on CPU is the process's peak RSS so far (ru_maxrss), not per shape.")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="megatron-rl profile", description=__doc__)
-    add_arguments(parser)
-    return cli_main(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["profile", *sys.argv[1:]]))

@@ -33,7 +33,7 @@ from megatron_rl.configurable import (
     yaml_load,
 )
 from megatron_rl.data.config import DataConfig
-from megatron_rl.evaluate import EvalConfig
+from megatron_rl.evaluate.config import EvalConfig
 from megatron_rl.launch.config import SlurmConfig
 from megatron_rl.metrics.config import LoggingConfig
 from megatron_rl.pretrain.config import PretrainConfig

@@ -31,6 +31,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_rl.actor import compat
+from megatron_rl.convert import check_hf_matches
+
 STATE_FILE = "trainer_state.pt"
 LATEST = "latest"
 FORMAT = 1
@@ -53,9 +56,8 @@ def rng_state() -> dict[str, Any]:
     engine samples with it; under the CPU compat layer it also stands for the CUDA generator),
     Python's and NumPy's, the CUDA generators on GPUs, and Megatron's model-parallel tracker
     (dropout in TP regions, expert init)."""
+    # Megatron-Core: only saving or restoring a step needs it, not the checkpoint-file helpers
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-
-    from megatron_rl.actor import compat
 
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": np.random.get_state(),
@@ -69,7 +71,7 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what `rng_state` captured (the tracker first: under the compat layer its setter
     touches the CPU generator, which is restored last)."""
-    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker  # as in rng_state
 
     get_cuda_rng_tracker().set_states(dict(state["megatron"]))
     if "cuda" in state and torch.cuda.is_available():
@@ -184,12 +186,10 @@ def load_initial_weights(path: str | os.PathLike, actor: Any) -> str:
     """`checkpoint.load`: a Hugging Face model dir (has config.json) or a Megatron checkpoint
     (a dist checkpoint dir, a run checkpoint, or a directory holding `latest`); weights only.
     Returns what it was ("hf" or "megatron")."""
-    from megatron_rl.actor import checkpoint
+    from megatron_rl.actor import checkpoint  # Megatron-Core, as in rng_state
 
     p = Path(path)
     if (p / "config.json").is_file():
-        from megatron_rl.convert import check_hf_matches
-
         actor.load_hf(p, check_hf_matches(actor.model_cfg, p), progress=False)
         return "hf"
     try:

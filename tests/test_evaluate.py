@@ -13,7 +13,8 @@ import pytest
 from megatron_rl import cli
 from megatron_rl.config import ConfigError, load_config
 from megatron_rl.data import PromptRecord
-from megatron_rl.evaluate import METRICS_FILE, EvalConfig, evaluate
+from megatron_rl.evaluate import METRICS_FILE, evaluate
+from megatron_rl.evaluate.config import EvalConfig
 from megatron_rl.launch.spawn import run_ranks
 from megatron_rl.rewards import RewardBatch
 from megatron_rl.rewards.extract import extract_answer

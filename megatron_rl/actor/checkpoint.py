@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.strategies import filesystem_async
 
 LATEST = "latest"
 INFO = "megatron_rl.json"
@@ -67,10 +69,6 @@ def shield_writer_from_stop_signals() -> None:
     helper too, and the save the trainer makes on that very signal would fail (BrokenPipeError).
     A process started while a signal is ignored keeps ignoring it. Main thread only; idempotent.
     """
-    import signal
-
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
     stops = (signal.SIGTERM, signal.SIGUSR1)
     saved = {s: signal.signal(s, signal.SIG_IGN) for s in stops}
     try:

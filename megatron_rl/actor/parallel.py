@@ -51,6 +51,8 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234) -> RankInfo:
     as a single process on a free local port. Activates the CPU compat layer when CUDA is absent.
     """
     compat.activate()
+    # Megatron-Core: imported where groups are made, so that `actor.parallel` (free_port, the
+    # test spawner) stays light
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -87,7 +89,7 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234) -> RankInfo:
 
 def rank_info(backend: str | None = None) -> RankInfo:
     """This rank's coordinates in the current Megatron layout."""
-    from megatron.core import parallel_state as ps
+    from megatron.core import parallel_state as ps  # Megatron-Core: as in init_distributed
 
     return RankInfo(
         rank=dist.get_rank(),
@@ -103,7 +105,7 @@ def rank_info(backend: str | None = None) -> RankInfo:
 
 def destroy_distributed() -> None:
     """Tear down Megatron's groups and the default process group."""
-    from megatron.core import parallel_state
+    from megatron.core import parallel_state  # Megatron-Core: as in init_distributed
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()

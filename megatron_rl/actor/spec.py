@@ -118,6 +118,7 @@ def decoder_block_spec(
     if use_te is None:
         use_te = not compat.needed() and compat.te_available()
     if use_te:
+        # the TE layer specs: imported only when Transformer Engine builds the layers
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
         return get_gpt_decoder_block_spec(

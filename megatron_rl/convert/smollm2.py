@@ -90,6 +90,7 @@ def prepare_smollm2(out: str | os.PathLike[str] = DEFAULT_DIR, gguf: Path | None
 
 def write_hf_checkpoint(gguf: Path, out: Path) -> None:
     """Dequantise `gguf` to float32 and save it (+ tokenizer, generation config) into `out`."""
+    # torch and transformers: the GGUF reading above runs without them
     import torch
     import transformers as tf
 

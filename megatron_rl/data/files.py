@@ -91,7 +91,7 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
 
 def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
     """(where, row dict) for each row of a parquet file, read in batches."""
-    import pyarrow as pa
+    import pyarrow as pa  # heavy: only parquet files need it
     import pyarrow.parquet as pq
 
     try:

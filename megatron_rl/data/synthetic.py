@@ -42,7 +42,7 @@ def _jsonable(value: Any) -> Any:
 
 def task_names() -> list[str]:
     """All task names the installed reasoning-gym registers."""
-    from reasoning_gym.factory import DATASETS
+    from reasoning_gym.factory import DATASETS  # heavy: only synthetic datasets need it
 
     return sorted(DATASETS)
 
@@ -50,7 +50,7 @@ def task_names() -> list[str]:
 def generate(task: str, size: int, seed: int, task_kwargs: dict[str, Any] | None = None,
              first_index: int = 0) -> list[PromptRecord]:
     """`size` records of `task` from reasoning-gym, deterministic in (task, seed, task_kwargs)."""
-    import reasoning_gym
+    import reasoning_gym  # heavy, as in task_names
 
     if task not in task_names():
         raise DataError(f"unknown reasoning-gym task {task!r}; installed tasks include "

@@ -82,7 +82,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, cache_dir: str | Path
     out = Path(cache_dir) / f"spm-bpe{vocab_size}-{cache_key(texts, vocab_size)}"
     if (out / "tokenizer.json").is_file():
         return out
-    import sentencepiece as spm
+    import sentencepiece as spm  # only to train one; a cached tokenizer does not need it
 
     model = io.BytesIO()
     try:
@@ -109,7 +109,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, cache_dir: str | Path
 
 def _wrap_hf(model_dir: Path) -> Any:
     """A Hugging Face (tokenizers-backed) Llama tokenizer equal to the sentencepiece model."""
-    from transformers import LlamaTokenizer
+    from transformers import LlamaTokenizer  # heavy: kept out of `import megatron_rl.data`
 
     tok = LlamaTokenizer.from_pretrained(
         str(model_dir), legacy=False, add_prefix_space=False, add_bos_token=False,
@@ -120,7 +120,7 @@ def _wrap_hf(model_dir: Path) -> Any:
 
 def load_tokenizer(path: str | Path) -> Any:
     """A Hugging Face tokenizer from a local dir (ours or any model's), offline."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy, as in _wrap_hf
 
     if not Path(path).is_dir():
         raise DataError(f"{path}: tokenizer dir not found (set data.tokenizer to a local dir)")

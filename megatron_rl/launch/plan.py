@@ -40,12 +40,14 @@ are left out.
 
 from __future__ import annotations
 
-import argparse
-import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from megatron_rl.actor.config import ModelConfig, padded_vocab_size
 from megatron_rl.configurable import ConfigError
+
+if TYPE_CHECKING:  # the run config imports torch; the planner needs only its fields
+    from megatron_rl.config import RunConfig
 
 GIB = 2**30
 
@@ -393,7 +395,7 @@ def _engine_arg(args: list[str], name: str) -> str | None:
     return None
 
 
-def engine_layout(cfg, actor_gpus: int, mem_fraction: float | None) -> EngineLayout:  # noqa: ANN001
+def engine_layout(cfg: RunConfig, actor_gpus: int, mem_fraction: float | None) -> EngineLayout:
     """The engines of `cfg.slurm` (one 1-GPU engine per actor GPU without GPUs in it)."""
     slurm = cfg.slurm
     args = list(slurm.engine_args)
@@ -418,7 +420,7 @@ def engine_layout(cfg, actor_gpus: int, mem_fraction: float | None) -> EngineLay
     return EngineLayout(tp, ep, dp, frac, gpus, not separate)
 
 
-def make_plan(cfg, hw: Hardware) -> Plan:  # noqa: ANN001
+def make_plan(cfg: RunConfig, hw: Hardware) -> Plan:
     """Plan a resolved `RunConfig` on `hw`."""
     m, par, actor, ro = cfg.model, cfg.parallel, cfg.actor, cfg.rollout
     counts = count_params(m, hw.mtp_layers)
@@ -456,7 +458,7 @@ def make_plan(cfg, hw: Hardware) -> Plan:  # noqa: ANN001
 
 
 # --------------------------------------------------------------------------------------------
-# The table and the command
+# The table
 # --------------------------------------------------------------------------------------------
 
 
@@ -473,7 +475,7 @@ def _row(label: str, train: float | None, rollout: float | None, note: str = "")
     return f"  {label:<34}{cells[0]:>9}{cells[1]:>9}  {note}".rstrip()
 
 
-def _header(plan: Plan, cfg, path: str) -> list[str]:  # noqa: ANN001
+def _header(plan: Plan, cfg: RunConfig, path: str) -> list[str]:
     lay, hw, eng, c = plan.layout, plan.hw, plan.engine, plan.counts
     stages = ",".join(map(str, lay.stage_layers))
     mtp = f"incl. {hw.mtp_layers} MTP layer(s)" if hw.mtp_layers else "MTP not counted"
@@ -494,7 +496,7 @@ def _header(plan: Plan, cfg, path: str) -> list[str]:  # noqa: ANN001
     ]
 
 
-def _memory_rows(plan: Plan, cfg) -> list[str]:  # noqa: ANN001
+def _memory_rows(plan: Plan, cfg: RunConfig) -> list[str]:
     w, hw = plan.worst, plan.hw
     dtype = "bf16" if cfg.actor.params_dtype == "bfloat16" else "fp32"
     res = (lambda v: v) if plan.engine.colocated else (lambda v: None)
@@ -539,7 +541,7 @@ def verdict(plan: Plan) -> str:
     return f"verdict  DOES NOT FIT: over in {', '.join(over) or 'no phase'}; {kv}"
 
 
-def render(plan: Plan, cfg, path: str) -> str:  # noqa: ANN001
+def render(plan: Plan, cfg: RunConfig, path: str) -> str:
     """The whole report as text."""
     c, t = plan.counts, plan.times
     lines = _header(plan, cfg, path)
@@ -564,99 +566,3 @@ def render(plan: Plan, cfg, path: str) -> str:  # noqa: ANN001
     lines += [f"  {k:<12}{v:>10.3g}  {notes[k]}" for k, v in t.items()]
     lines.append(f"  {'total':<12}{sum(t.values()):>10.3g}  (phases run one after another)")
     return "\n".join(lines)
-
-
-def _positive(kind: type) -> object:
-    def parse(text: str) -> float | int:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-    parse.__name__ = kind.__name__
-    return parse
-
-
-def _fraction(text: str) -> float:
-    value = _positive(float)(text)
-    if value > 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text} (e.g. 0.3 for 30%)")
-    return value
-
-
-_FLAGS = {  # flag -> (Hardware field, parser)
-    "--gpu-mem-gib": ("gpu_mem_gib", _positive(float)),
-    "--reserve-gib": ("reserve_gib", _positive(float)),
-    "--peak-tflops": ("peak_tflops", _positive(float)),
-    "--mfu": ("mfu", _fraction),
-    "--rollout-mfu": ("rollout_mfu", _fraction),
-    "--nvlink-gbs": ("nvlink_gbs", _positive(float)),
-    "--ib-gbs": ("ib_gbs", _positive(float)),
-    "--gpus-per-node": ("gpus_per_node", _positive(int)),
-}
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """`plan`'s flags: the world size and the hardware assumptions (H100 SXM defaults)."""
-    parser.add_argument("--gpus", type=_positive(int), help="actor GPUs (default: (slurm.nodes - "
-                        "slurm.engine_nodes) x slurm.gpus_per_node, or tp*pp*cp*dp on a CPU job)")
-    parser.add_argument("--engine-mem-fraction", dest="engine_mem_fraction", type=_fraction,
-                        help="memory fraction of an engine (default: --mem-fraction-static of "
-                        "slurm.engine_args, else 0.7)")
-    parser.add_argument("--mtp-layers", type=int, default=0, choices=range(0, 9), metavar="N",
-                        help="multi-token-prediction layers to count (default 0)")
-    defaults = Hardware()
-    for flag, (name, parse) in _FLAGS.items():
-        doc = Hardware.__dataclass_fields__[name]
-        parser.add_argument(flag, dest=name, type=parse, default=getattr(defaults, name),
-                            help=f"{_FIELD_HELP[name]} (default: {getattr(defaults, name)})"
-                            if doc else None)
-
-
-_FIELD_HELP = {
-    "gpu_mem_gib": "memory of one GPU, GiB", "reserve_gib": "per-GPU memory kept back for the "
-    "CUDA context, NCCL and fragmentation, GiB", "peak_tflops": "dense bf16 peak of one GPU, "
-    "TFLOP/s", "mfu": "model FLOP utilisation of training and log-prob forwards, (0, 1]",
-    "rollout_mfu": "model FLOP utilisation of generation, (0, 1]", "nvlink_gbs": "per-GPU "
-    "NVLink bandwidth, GB/s", "ib_gbs": "per-GPU inter-node bandwidth, GB/s",
-    "gpus_per_node": "GPUs per node when slurm.gpus_per_node is 0 (a CPU job)",
-}
-
-
-def _world_size(path: str, overrides: list[str], gpus: int | None) -> tuple[int, int | None]:
-    """Actor GPUs (--gpus, else the slurm section's trainer GPUs, else tp*pp*cp*dp with dp as
-    set or 1 on a CPU job) and the slurm section's GPUs per node (None on a CPU job)."""
-    from megatron_rl.config import RunConfig, read_yaml
-    from megatron_rl.configurable import apply_overrides, from_dict
-
-    raw = from_dict(RunConfig, apply_overrides(RunConfig, read_yaml(path), overrides))
-    slurm = raw.slurm
-    per_node = slurm.gpus_per_node or None
-    if gpus is not None:
-        return gpus, per_node
-    if per_node:
-        return max(1, slurm.trainer_nodes) * slurm.ranks_per_node, per_node
-    par = raw.parallel
-    return par.tp * par.pp * par.cp * (par.dp or 1), per_node
-
-
-def cli_main(args: argparse.Namespace) -> int:
-    """`megatron-rl plan CONFIG`: print the table; exit 0 whether or not it fits, 2 on a bad
-    config."""
-    from megatron_rl.config import load_config
-
-    try:
-        world, per_node = _world_size(args.config, args.overrides, args.gpus)
-        cfg = load_config(args.config, args.overrides, world_size=world)
-        hw = Hardware(mtp_layers=args.mtp_layers, engine_mem_fraction=args.engine_mem_fraction,
-                      **{name: getattr(args, name) for name, _ in _FLAGS.values()})
-        if per_node and args.gpus_per_node == Hardware().gpus_per_node:
-            hw = Hardware(**{**hw.__dict__, "gpus_per_node": per_node})
-        plan = make_plan(cfg, hw)
-    except ConfigError as err:
-        print(f"megatron-rl plan: {err}", file=sys.stderr)
-        return 2
-    print(render(plan, cfg, args.config))
-    return 0

@@ -1,4 +1,4 @@
-"""`megatron-rl submit`: render an sbatch script from a run config and submit it.
+"""The sbatch job of `megatron-rl submit`: render a script from a run config and submit it.
 
     megatron-rl submit configs/qwen3_30b_a3b_h100.yaml --set slurm.nodes=2 [--dry-run]
     megatron-rl submit --convert HF_DIR MCORE_DIR configs/deepseek_v3_h100.yaml [--dry-run]
@@ -28,22 +28,17 @@ Signals, verified on Slurm 22.05 with torch 2.13's torchrun (tests/test_slurm_re
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import shlex
 import shutil
 import subprocess
-import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import yaml
 
+from megatron_rl.config import RunConfig, load_config, read_yaml
 from megatron_rl.configurable import ConfigError, apply_overrides, from_dict, to_dict
 from megatron_rl.launch.config import SlurmConfig
-
-if TYPE_CHECKING:
-    from megatron_rl.config import RunConfig
 
 CONFIG_EOF = "MEGATRON_RL_CONFIG"
 
@@ -59,8 +54,6 @@ class Job:
 
 def _slurm_section(path: str | None, overrides: list[str]) -> SlurmConfig:
     """The slurm section alone (it decides the world size the full config is checked at)."""
-    from megatron_rl.config import RunConfig, read_yaml
-
     data = apply_overrides(RunConfig, read_yaml(path) if path else {}, overrides)
     slurm = from_dict(SlurmConfig, data.get("slurm") or {}, "slurm")
     try:
@@ -82,8 +75,6 @@ def load_job_config(path: str | None, overrides: list[str], workdir: Path,
     """The run config as the job will run it: paths keyed by job name, parallel layout checked
     against (nodes - engine_nodes) * ranks_per_node ranks (every node's ranks with
     `all_nodes`, as a conversion job uses them). Raises ConfigError."""
-    from megatron_rl.config import load_config
-
     slurm = _slurm_section(path, overrides)
     paths = [f"{k}={v}" for k, v in run_paths(slurm, workdir).items()]
     world = (slurm.nodes if all_nodes else slurm.trainer_nodes) * slurm.ranks_per_node
@@ -316,45 +307,25 @@ def sbatch(script: str, path: Path) -> str:
     return proc.stdout.strip().split(";")[0]
 
 
-def build(args: argparse.Namespace, workdir: Path) -> Job:
-    """Render the job that `args` asks for (training, or conversion with --convert)."""
-    source = " ".join([args.config, *(f"--set {o}" for o in args.overrides)])
-    if args.convert:
-        src, dst = (str(_abs(p, workdir)) for p in args.convert)
-        cfg = load_job_config(args.config, args.overrides, workdir, all_nodes=True)
+def job_workdir(path: str | None, overrides: list[str], cwd: Path) -> Path:
+    """The directory the job runs in: `slurm.workdir` (relative to `cwd`), else `cwd`."""
+    workdir = _slurm_section(path, overrides).workdir
+    return _abs(workdir, cwd).resolve() if workdir else cwd
+
+
+def build(path: str, overrides: list[str], workdir: Path,
+          convert: tuple[str, str] | None = None) -> Job:
+    """Render the job for the config at `path` with `overrides`: training, or with `convert`
+    (SRC, DST) a conversion on the config's nodes and layout. Raises ConfigError."""
+    source = " ".join([path, *(f"--set {o}" for o in overrides)])
+    if convert:
+        src, dst = (str(_abs(p, workdir)) for p in convert)
+        cfg = load_job_config(path, overrides, workdir, all_nodes=True)
         slurm = dataclasses.replace(cfg.slurm, engine_nodes=0)
         script = render_convert(slurm, convert_layout(cfg), src, dst, source, workdir)
         name = f"{slurm.job_name}-convert"
     else:
-        cfg = load_job_config(args.config, args.overrides, workdir)
+        cfg = load_job_config(path, overrides, workdir)
         script, name = render(cfg, source, workdir), cfg.slurm.job_name
     log_dir = _abs(cfg.slurm.log_dir, workdir)
     return Job(name, script, log_dir / f"{name}.sbatch")
-
-
-def cli_main(args: argparse.Namespace) -> int:
-    """`megatron-rl submit`: print the script (--dry-run) or submit it and print the job id."""
-    try:
-        workdir = Path.cwd()
-        cfg_workdir = _slurm_section(args.config, args.overrides).workdir
-        if cfg_workdir:
-            workdir = _abs(cfg_workdir, workdir).resolve()
-        job = build(args, workdir)
-    except (ConfigError, ValueError, OSError) as err:
-        print(f"megatron-rl submit: {err}", file=sys.stderr)
-        return 1
-    if args.dry_run:
-        print(job.script, end="")
-        print(f"megatron-rl submit: dry run; to submit it by hand: mkdir -p "
-              f"{job.script_path.parent} (Slurm opens the log there) and sbatch the script",
-              file=sys.stderr)
-        return 0
-    try:
-        job_id = sbatch(job.script, job.script_path)
-    except (RuntimeError, OSError, subprocess.TimeoutExpired) as err:
-        print(f"megatron-rl submit: {err}", file=sys.stderr)
-        return 1
-    print(job_id)
-    print(f"megatron-rl submit: job {job_id} ({job.name}); script {job.script_path}; log "
-          f"{job.script_path.parent}/{job.name}-{job_id}.out", file=sys.stderr)
-    return 0

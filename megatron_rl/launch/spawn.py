@@ -17,7 +17,7 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
-from megatron_rl.actor.parallel import free_port
+from megatron_rl.actor.parallel import destroy_distributed, free_port
 
 
 class RankFailure(RuntimeError):
@@ -35,8 +35,6 @@ def _entry(fn: Callable[..., Any], rank: int, world: int, port: int, args: tuple
     except BaseException:  # noqa: BLE001 - report every failure to the parent
         q.put((rank, False, traceback.format_exc()))
     finally:
-        from megatron_rl.actor.parallel import destroy_distributed
-
         try:
             destroy_distributed()
         except Exception:  # noqa: BLE001 - teardown after a failure may fail too

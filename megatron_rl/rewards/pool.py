@@ -18,6 +18,7 @@ from collections import deque
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+from megatron_rl.rewards import sandbox
 from megatron_rl.rewards.config import RewardFunctionConfig, RewardsConfig
 from megatron_rl.rewards.registry import BoundReward, bind
 
@@ -78,8 +79,6 @@ def _call(fn: BoundReward, s: RewardInput) -> tuple[bool, Any]:
 
 
 def _worker_main(conn: Connection, config: RewardsConfig, scratch: str) -> None:
-    from megatron_rl.rewards import sandbox
-
     sandbox.set_scratch_root(scratch)
     fns = [bind(spec, config) for spec in config.functions]
     while True:

@@ -75,7 +75,7 @@ class HFWeightApplier:
 
 def iter_checkpoint(path: str | Path) -> Iterable[tuple[str, torch.Tensor]]:
     """Every tensor of an HF safetensors checkpoint directory, one at a time."""
-    from safetensors import safe_open
+    from safetensors import safe_open  # only reloading from a checkpoint directory needs it
 
     files = sorted(Path(path).glob("*.safetensors"))
     if not files:

@@ -26,6 +26,7 @@ import torch
 
 from megatron_rl.algorithms.advantages import PER_REWARD_ESTIMATORS
 from megatron_rl.algorithms.dynamic_sampling import DynamicSamplingBuffer, informative_mask
+from megatron_rl.rewards.pool import RewardInput
 from megatron_rl.rollout.engine import EngineError, RolloutEngine
 from megatron_rl.rollout.types import GenerateOutput, Sample, SamplingParams
 
@@ -262,10 +263,8 @@ class GroupSampler:
         report.reward_seconds += time.perf_counter() - t0
 
 
-def reward_inputs(samples: Sequence[Sample]) -> list[Any]:
+def reward_inputs(samples: Sequence[Sample]) -> list[RewardInput]:
     """Samples as the rewards package's `RewardInput`s (prompt text, response, label, metadata)."""
-    from megatron_rl.rewards.pool import RewardInput
-
     return [RewardInput(prompt=_prompt_text(s.prompt), response=s.response_text, label=s.label,
                         metadata=s.metadata) for s in samples]
 

@@ -1,4 +1,4 @@
-"""`megatron-rl serve`: an in-process `RolloutEngine` behind SGLang's HTTP routes and fields.
+"""An in-process `RolloutEngine` behind SGLang's HTTP routes and fields (`megatron-rl serve`).
 
 So that the SGLang HTTP client (`sglang_engine.SGLangEngine`) is tested end to end on CPU, and a
 user can inspect rollouts with curl:
@@ -15,11 +15,9 @@ the portable encoding (`load_format="megatron_rl.torch_save"`), `temperature: 0`
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import signal
-import sys
 import threading
 from collections.abc import Callable
 from http import HTTPStatus
@@ -270,36 +268,3 @@ def serve(engine: RolloutEngine, host: str = "127.0.0.1", port: int = 30000,
         httpd.serve_forever(poll_interval=0.2)
     finally:
         httpd.server_close()
-
-
-def build_engine(args: argparse.Namespace) -> RolloutEngine:
-    """The embedded `TransformersEngine` from an HF directory or from our config."""
-    from megatron_rl.rollout.transformers_engine import TransformersEngine
-
-    if args.model_path:
-        import transformers
-
-        model = transformers.AutoModelForCausalLM.from_pretrained(args.model_path)
-        tok_path = args.tokenizer_path or args.model_path
-        try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(tok_path)
-        except (OSError, ValueError) as e:
-            logger.warning("no tokenizer at %s (%s): serving input_ids only", tok_path, e)
-            tokenizer = None
-        return TransformersEngine(model, tokenizer)
-    from megatron_rl.config import load_config
-
-    cfg = load_config(args.config, getattr(args, "overrides", []))
-    return TransformersEngine.from_model_config(cfg.model)  # the arch of model.hf_architecture
-
-
-def cli_main(args: argparse.Namespace) -> int:
-    """`megatron-rl serve`."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    if bool(args.model_path) == bool(args.config):
-        print("megatron-rl serve: give exactly one of --model-path and --config", file=sys.stderr)
-        return 2
-    engine = build_engine(args)
-    serve(engine, args.host, args.port, model_path=args.model_path or args.config,
-          tokenizer_path=args.tokenizer_path)
-    return 0

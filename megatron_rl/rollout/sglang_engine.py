@@ -52,6 +52,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from megatron_rl.rollout.engine import EngineError
@@ -102,8 +103,6 @@ def decode_routed_experts(payload: str | list, layout: tuple[int, int]) -> torch
     """[positions, layers, top_k] int32 from base64 (SGLang) or a nested list."""
     if isinstance(payload, list):
         return torch.tensor(payload, dtype=torch.int32).reshape(-1, *layout)
-    import numpy as np
-
     flat = np.frombuffer(base64.b64decode(payload), dtype="<i4")
     return torch.from_numpy(flat.copy()).reshape(-1, *layout)
 

@@ -23,9 +23,11 @@ from typing import Any
 
 import torch
 
+from megatron_rl.convert import arch_of
 from megatron_rl.rollout.engine import EngineError
 from megatron_rl.rollout.hf_weights import HFWeightApplier, iter_checkpoint
 from megatron_rl.rollout.types import GenerateOutput, SamplingParams
+from megatron_rl.rollout.weight_sync import broadcast_tensor, open_update_group
 
 
 def _truncate(logits_BV: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -116,9 +118,8 @@ class TransformersEngine:
     def from_model_config(cls, model_cfg: Any, arch: Any = None, dtype: torch.dtype =
                           torch.float32, **kwargs: Any) -> TransformersEngine:
         """An engine on a fresh HF model of our `ModelConfig` (weights come by weight sync)."""
+        # transformers: heavy; an engine handed a built model never needs the import
         from transformers import AutoConfig, AutoModelForCausalLM
-
-        from megatron_rl.convert import arch_of
 
         arch = arch or arch_of(model_cfg)
         config = AutoConfig.for_model(**arch.hf_config(model_cfg))
@@ -169,7 +170,7 @@ class TransformersEngine:
     def _generate_chunk(self, prompts: list[list[int]], sp: SamplingParams,
                         gen: torch.Generator | None, deadline: float,
                         capture: bool) -> list[GenerateOutput]:
-        from transformers import DynamicCache
+        from transformers import DynamicCache  # transformers: as in from_model_config
 
         B, P = len(prompts), max(len(p) for p in prompts)
         ids_BP = torch.full((B, P), self.pad_id, dtype=torch.long)
@@ -277,9 +278,6 @@ class TransformersEngine:
         The group is its own gloo process group on its own TCP store, independent of any
         default process group in this process (SGLang does the same with NCCL).
         """
-
-        from megatron_rl.rollout.weight_sync import open_update_group
-
         if backend not in ("gloo", "nccl"):
             raise EngineError(f"engine {self.address}: unknown backend {backend!r}")
         self._groups[group_name] = open_update_group(
@@ -290,8 +288,6 @@ class TransformersEngine:
                                         group_name: str = "weight_update_group",
                                         flush_cache: bool = True) -> None:
         """Receive one bucket by broadcast from rank 0 of the update group, then apply it."""
-        from megatron_rl.rollout.weight_sync import broadcast_tensor
-
         if group_name not in self._groups:
             raise EngineError(f"engine {self.address}: no weight update group {group_name!r}; "
                               "call init_weights_update_group first")

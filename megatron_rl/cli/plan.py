@@ -1,0 +1,105 @@
+"""`megatron-rl plan CONFIG [--gpus N] [hardware flags]`: per-GPU memory and step time of a
+config, on paper (the planner is `megatron_rl.launch.plan`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from megatron_rl.cli.args import add_config_args
+from megatron_rl.configurable import ConfigError, apply_overrides, from_dict
+from megatron_rl.launch.plan import Hardware, make_plan, render
+
+
+def _positive(kind: type) -> Callable[[str], float | int]:
+    def parse(text: str) -> float | int:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _fraction(text: str) -> float:
+    value = _positive(float)(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text} (e.g. 0.3 for 30%)")
+    return value
+
+
+_FLAGS = {  # flag -> (Hardware field, parser)
+    "--gpu-mem-gib": ("gpu_mem_gib", _positive(float)),
+    "--reserve-gib": ("reserve_gib", _positive(float)),
+    "--peak-tflops": ("peak_tflops", _positive(float)),
+    "--mfu": ("mfu", _fraction),
+    "--rollout-mfu": ("rollout_mfu", _fraction),
+    "--nvlink-gbs": ("nvlink_gbs", _positive(float)),
+    "--ib-gbs": ("ib_gbs", _positive(float)),
+    "--gpus-per-node": ("gpus_per_node", _positive(int)),
+}
+
+_FIELD_HELP = {
+    "gpu_mem_gib": "memory of one GPU, GiB", "reserve_gib": "per-GPU memory kept back for the "
+    "CUDA context, NCCL and fragmentation, GiB", "peak_tflops": "dense bf16 peak of one GPU, "
+    "TFLOP/s", "mfu": "model FLOP utilisation of training and log-prob forwards, (0, 1]",
+    "rollout_mfu": "model FLOP utilisation of generation, (0, 1]", "nvlink_gbs": "per-GPU "
+    "NVLink bandwidth, GB/s", "ib_gbs": "per-GPU inter-node bandwidth, GB/s",
+    "gpus_per_node": "GPUs per node when slurm.gpus_per_node is 0 (a CPU job)",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Config arguments plus the world size and the hardware assumptions (H100 SXM defaults)."""
+    add_config_args(parser)
+    parser.add_argument("--gpus", type=_positive(int), help="actor GPUs (default: (slurm.nodes - "
+                        "slurm.engine_nodes) x slurm.gpus_per_node, or tp*pp*cp*dp on a CPU job)")
+    parser.add_argument("--engine-mem-fraction", dest="engine_mem_fraction", type=_fraction,
+                        help="memory fraction of an engine (default: --mem-fraction-static of "
+                        "slurm.engine_args, else 0.7)")
+    parser.add_argument("--mtp-layers", type=int, default=0, choices=range(0, 9), metavar="N",
+                        help="multi-token-prediction layers to count (default 0)")
+    defaults = Hardware()
+    for flag, (name, parse) in _FLAGS.items():
+        parser.add_argument(flag, dest=name, type=parse, default=getattr(defaults, name),
+                            help=f"{_FIELD_HELP[name]} (default: {getattr(defaults, name)})")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `megatron-rl plan`: print the table; exit 0 whether or not it fits, 2 on a bad
+    config."""
+    from megatron_rl.config import load_config  # torch: keeps `megatron-rl --help` light
+
+    try:
+        world, per_node = _world_size(args.config, args.overrides, args.gpus)
+        cfg = load_config(args.config, args.overrides, world_size=world)
+        hw = Hardware(mtp_layers=args.mtp_layers, engine_mem_fraction=args.engine_mem_fraction,
+                      **{name: getattr(args, name) for name, _ in _FLAGS.values()})
+        if per_node and args.gpus_per_node == Hardware().gpus_per_node:
+            hw = Hardware(**{**hw.__dict__, "gpus_per_node": per_node})
+        plan = make_plan(cfg, hw)
+    except ConfigError as err:
+        print(f"megatron-rl plan: {err}", file=sys.stderr)
+        return 2
+    print(render(plan, cfg, args.config))
+    return 0
+
+
+def _world_size(path: str, overrides: list[str], gpus: int | None) -> tuple[int, int | None]:
+    """Actor GPUs (--gpus, else the slurm section's trainer GPUs, else tp*pp*cp*dp with dp as
+    set or 1 on a CPU job) and the slurm section's GPUs per node (None on a CPU job)."""
+    from megatron_rl.config import RunConfig, read_yaml  # torch, as in run()
+
+    raw = from_dict(RunConfig, apply_overrides(RunConfig, read_yaml(path), overrides))
+    slurm = raw.slurm
+    per_node = slurm.gpus_per_node or None
+    if gpus is not None:
+        return gpus, per_node
+    if per_node:
+        return max(1, slurm.trainer_nodes) * slurm.ranks_per_node, per_node
+    par = raw.parallel
+    return par.tp * par.pp * par.cp * (par.dp or 1), per_node

@@ -1,0 +1,55 @@
+"""`megatron-rl submit CONFIG [--set K=V] [--dry-run] [--convert SRC DST]`: render an sbatch
+script from a run config and submit it to Slurm (the job is `megatron_rl.launch.slurm`)."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+from megatron_rl.cli.args import add_config_args
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Config arguments, `--dry-run` and `--convert SRC DST`."""
+    add_config_args(parser)
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the rendered sbatch script instead of submitting it",
+    )
+    parser.add_argument(
+        "--convert", nargs=2, metavar=("SRC", "DST"),
+        help="submit a multi-node HF -> Megatron conversion (megatron-rl convert hf-to-mcore "
+        "SRC DST) on the config's nodes and parallel layout instead of training",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `megatron-rl submit`: print the script (--dry-run) or submit it and print the job id;
+    user errors print one line and exit 1."""
+    from megatron_rl.launch import slurm  # the run config imports torch: keeps --help light
+
+    try:
+        workdir = slurm.job_workdir(args.config, args.overrides, Path.cwd())
+        convert = tuple(args.convert) if args.convert else None
+        job = slurm.build(args.config, args.overrides, workdir, convert=convert)
+    except (ValueError, OSError) as err:  # ConfigError is a ValueError
+        print(f"megatron-rl submit: {err}", file=sys.stderr)
+        return 1
+    if args.dry_run:
+        print(job.script, end="")
+        print(f"megatron-rl submit: dry run; to submit it by hand: mkdir -p "
+              f"{job.script_path.parent} (Slurm opens the log there) and sbatch the script",
+              file=sys.stderr)
+        return 0
+    try:
+        job_id = slurm.sbatch(job.script, job.script_path)
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as err:
+        print(f"megatron-rl submit: {err}", file=sys.stderr)
+        return 1
+    print(job_id)
+    print(f"megatron-rl submit: job {job_id} ({job.name}); script {job.script_path}; log "
+          f"{job.script_path.parent}/{job.name}-{job_id}.out", file=sys.stderr)
+    return 0
