@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state as ps
 
 from megatron_rl import run_state
 from megatron_rl.actor.actor import Actor, StepResult
@@ -348,8 +347,7 @@ class Trainer:
                             advantages=advantages, seq_length=actor.seq_length,
                             mask_truncated=alg.overlong_filter)
         return split_updates(batch, updates=alg.mini_batches,
-                             dp_size=ps.get_data_parallel_world_size(),
-                             dp_rank=ps.get_data_parallel_rank(),
+                             dp_size=self.actor.dp_size, dp_rank=self.actor.dp_rank,
                              micro_batch_size=actor.micro_batch_size)
 
     def old_logprobs(self, updates: list[list[MicroBatch]]) -> float:
@@ -462,9 +460,9 @@ class Trainer:
                 sync: dict[str, float], gap: dict[str, float], routing: float,
                 seconds: dict[str, float]) -> dict[str, float]:
         """The step's scalars (docs/design.md section 8)."""
-        first = self.cfg.rewards.functions[0].name  # the accuracy reward by convention
+        accuracy = self.cfg.rewards.accuracy_function.name  # its score column
         correct = self.cfg.rewards.correct_reward
-        hits = [s.rewards.get(first, s.reward) >= correct - 1e-6 for s in samples]
+        hits = [s.rewards.get(accuracy, s.reward) >= correct - 1e-6 for s in samples]
         columns = {n: [s.rewards.get(n, math.nan) for s in samples] for n in self.reward_names}
         lengths = [len(s.response_ids) for s in samples]
         stats = result.stats

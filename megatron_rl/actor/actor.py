@@ -195,6 +195,16 @@ class Actor:
         agreement = float(counts[0] / counts[1]) if counts[1] > 0 else math.nan
         return logprobs, agreement
 
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel replicas: how many ranks share one step's samples."""
+        return parallel_state.get_data_parallel_world_size()
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's index among the data-parallel replicas."""
+        return parallel_state.get_data_parallel_rank()
+
     def dp_sum(self, x: torch.Tensor) -> torch.Tensor:
         """`x` summed over the data-parallel ranks (a new tensor)."""
         out = x.detach().to(self.device, copy=True)
