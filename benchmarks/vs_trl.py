@@ -459,11 +459,11 @@ def run_trl(cfg: Any, work: Path) -> dict[str, Any]:
             batch = rewards([RewardInput(prompt=r.prompt, response=tok.decode(ids), label=r.label,
                                          metadata={"data_source": r.data_source, **r.metadata})
                              for r, ids in zip(recs, completion_ids, strict=True)])
-            first = next(iter(batch.scores.values()))
-            log.accuracy.append(sum(s >= correct for s in first) / len(first))
+            hits = batch.scores[cfg.rewards.accuracy_function.name]
+            log.accuracy.append(sum(s >= correct for s in hits) / len(hits))
             return [float(t) for t in batch.total]
 
-        accuracy.__name__ = cfg.rewards.functions[0].name
+        accuracy.__name__ = cfg.rewards.accuracy_function.name
         funcs: list[Any] = [accuracy]
         alg = cfg.algorithm
         if alg.overlong_penalty:

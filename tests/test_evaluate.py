@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from megatron_rl import cli
-from megatron_rl.config import ConfigError, load_config
-from megatron_rl.data import PromptRecord
-from megatron_rl.evaluate import METRICS_FILE, evaluate
+from megatron_rl.config import ConfigError, RunConfig, load_config
+from megatron_rl.data import PromptRecord, apply_template, build_dataset
+from megatron_rl.evaluate import METRICS_FILE, EvalResult, eval_data, evaluate, run_eval
 from megatron_rl.evaluate.config import EvalConfig
 from megatron_rl.launch.spawn import run_ranks
 from megatron_rl.rewards import RewardBatch
@@ -76,7 +76,7 @@ def test_metrics_by_hand_on_scripted_responses():
     engine = ScriptedEngine()
     cfg = EvalConfig(n_samples=4, k=KS, temperature=0.6, batch_prompts=2)
     result = evaluate(engine, _records(), lambda rec: [10 + rec.index], exact_match_rewards, cfg,
-                      max_new_tokens=8, correct_reward=1.0, seed=5)
+                      max_new_tokens=8, accuracy="accuracy", correct_reward=1.0, seed=5)
     # correct: [1,0,1,0], [0,0,1,0], [0,1,1,0]; pass@2 = 1 - C(n-c,2)/C(4,2): 5/6, 1/2, 5/6.
     expected = {
         "eval/pass@1": (0.5 + 0.25 + 0.5) / 3, "eval/pass@2": (5 / 6 + 1 / 2 + 5 / 6) / 3,
@@ -109,6 +109,66 @@ def test_eval_config_is_validated_when_loaded():
     assert load_config(TINY, ["eval.size=0"], world_size=1).eval.size == 0  # train skips eval
     with pytest.raises(ConfigError, match=r"^config error: eval\.size: is -1"):
         load_config(TINY, ["eval.size=-1"], world_size=1)
+
+
+# ---- which reward is accuracy: rewards.accuracy ----------------------------------------------
+
+TWO_REWARDS = ["rewards.functions=[{name: format}, {name: reasoning_gym}]", "rewards.num_workers=0",
+               "data.train_size=20", "data.eval_size=3", "eval.n_samples=4", "eval.k=[1, 4]"]
+
+
+class FirstRightEngine:
+    """Answers every prompt with `n` well-formatted responses of which only the first carries the
+    record's label, so the format reward scores all of them 1 and reasoning_gym only the first.
+    It is its own tokenizer: a prompt text encodes to its index."""
+
+    address = "first-right"
+
+    def __init__(self, labels: dict[str, str]) -> None:
+        self.tokenizer = self
+        self.texts = list(labels)
+        self.labels = labels
+
+    def encode(self, text: str) -> list[int]:
+        return [self.texts.index(text)]
+
+    def generate(self, input_ids=None, sampling_params=None, **_):
+        out = []
+        for (pid,) in input_ids:
+            answers = [self.labels[self.texts[pid]]] + ["-987654"] * (sampling_params.n - 1)
+            out.append([GenerateOutput(output_ids=[1, 2], output_logprobs=[0.0, 0.0],
+                                       finish_reason="stop", prompt_ids=[pid],
+                                       text=f"<think> adding up </think> <answer> {a} </answer>")
+                        for a in answers])
+        return out
+
+
+def _first_right_eval(*overrides: str) -> tuple[RunConfig, EvalResult]:
+    cfg = load_config(TINY, [*TWO_REWARDS, *overrides], world_size=1)
+    records = build_dataset(eval_data(cfg), "eval").records
+    labels = {apply_template(cfg.data.chat_template, r.prompt): r.label for r in records}
+    return cfg, run_eval(cfg, FirstRightEngine(labels))
+
+
+def test_accuracy_comes_from_the_reward_rewards_accuracy_names():
+    cfg, result = _first_right_eval("rewards.accuracy=reasoning_gym")
+    assert cfg.rewards.accuracy_function.name == "reasoning_gym"
+    assert [r.correct for r in result.rows] == [[True, False, False, False]] * 3
+    assert result.metrics["eval/accuracy"] == pytest.approx(0.25)
+    assert result.metrics["eval/pass@4"] == pytest.approx(1.0)
+    # Unset, the first function (format) decides: every response is well formed.
+    cfg, result = _first_right_eval()
+    assert cfg.rewards.accuracy is None and cfg.rewards.accuracy_function.name == "format"
+    assert result.metrics["eval/accuracy"] == pytest.approx(1.0)
+
+
+def test_accuracy_naming_no_configured_function_is_a_one_line_error():
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, [*TWO_REWARDS, "rewards.accuracy=math"], world_size=1)
+    message = str(err.value)
+    assert message.startswith("config error: rewards.accuracy: 'math' is not a configured "
+                              "reward function; use one of ['format', 'reasoning_gym']")
+    assert "\n" not in message
 
 
 # ---- `megatron-rl eval` end to end ----------------------------------------------------------

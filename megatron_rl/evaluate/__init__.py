@@ -3,8 +3,9 @@
     megatron-rl eval CONFIG [--set K=V ...] (--checkpoint DIR | --hf DIR) [--out FILE]
 
 Each problem gets `eval.n_samples` responses from a rollout engine; each response is scored by
-the configured rewards, and it is *correct* when the first reward function's score reaches
-`rewards.correct_reward` (the trainer's accuracy convention). Per problem, with c correct of n:
+the configured rewards, and it is *correct* when the score of the accuracy reward
+(`RewardsConfig.accuracy_function`: `rewards.accuracy`, by default the first function) reaches
+`rewards.correct_reward`, as the trainer's accuracy counts it. Per problem, with c correct of n:
 pass@k = 1 - C(n-c, k)/C(n, k) (Chen et al. 2021), cons@k = the majority answer of the first k
 samples is correct (R1's cons@64), avg@k = mean correctness of the first k samples (DAPO's
 avg@32); the benchmark value is the mean over problems. cons@k votes on the answer that the
@@ -89,6 +90,7 @@ def evaluate(
     cfg: EvalConfig,
     *,
     max_new_tokens: int,
+    accuracy: str,
     correct_reward: float,
     seed: int,
     stop: Sequence[str] = (),
@@ -97,8 +99,9 @@ def evaluate(
     """Sample `cfg.n_samples` responses per record, score them, and aggregate the metrics.
 
     `encode` turns a record into prompt ids (chat template + tokenizer); `rewards` is a
-    `RewardComputer` (its first column decides correctness); `extract` finds the answer that
-    cons@k votes on. Batch b of `cfg.batch_prompts` records samples with seed `seed + b`.
+    `RewardComputer`, whose score column `accuracy` decides correctness (a response is correct
+    when it scores >= `correct_reward`); `extract` finds the answer that cons@k votes on. Batch b
+    of `cfg.batch_prompts` records samples with seed `seed + b`.
     """
     if not records:
         raise ValueError("evaluation has no prompts: set data.eval_size > 0 (or data.eval_path "
@@ -110,7 +113,7 @@ def evaluate(
     for b, batch in enumerate(batches):
         params = _sampling(cfg, max_new_tokens, stop, seed + b)
         outputs = engine.generate(input_ids=[encode(r) for r in batch], sampling_params=params)
-        rows += _score(batch, outputs, rewards, correct_reward, extract)
+        rows += _score(batch, outputs, rewards, accuracy, correct_reward, extract)
         if len(batches) >= PROGRESS_MIN_BATCHES:
             print(f"[eval] batch {b + 1}/{len(batches)}: {len(rows)}/{len(records)} problems, "
                   f"{time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
@@ -124,18 +127,22 @@ def _sampling(cfg: EvalConfig, max_new_tokens: int, stop: Sequence[str],
 
 
 def _score(batch: Sequence[PromptRecord], outputs: list[list[GenerateOutput]],
-           rewards: Callable[[list[RewardInput]], RewardBatch], correct_reward: float,
-           extract: Callable[[str], str | None]) -> list[EvalRow]:
-    """Reward every response of a batch; correct = first reward function's score."""
+           rewards: Callable[[list[RewardInput]], RewardBatch], accuracy: str,
+           correct_reward: float, extract: Callable[[str], str | None]) -> list[EvalRow]:
+    """Reward every response of a batch; correct = the `accuracy` column's score reaches
+    `correct_reward`."""
     if len(outputs) != len(batch):
         raise ValueError(f"engine returned {len(outputs)} groups for {len(batch)} prompts")
     groups = [[_sample(g, rec, out) for out in group]
               for g, (rec, group) in enumerate(zip(batch, outputs, strict=True))]
     batch_scores = rewards(reward_inputs([s for group in groups for s in group]))
-    first = iter(next(iter(batch_scores.scores.values())))  # the accuracy reward's column
+    if accuracy not in batch_scores.scores:
+        raise ValueError(f"rewards returned no {accuracy!r} column (columns: "
+                         f"{sorted(batch_scores.scores)})")
+    column = iter(batch_scores.scores[accuracy])
     rows = []
     for rec, group in zip(batch, groups, strict=True):
-        scores = [next(first) for _ in group]
+        scores = [next(column) for _ in group]
         rows.append(EvalRow(
             index=rec.index, prompt=rec.prompt, label=rec.label,
             responses=[s.response_text for s in group],
@@ -185,13 +192,14 @@ def run_eval(cfg: RunConfig, engine: Any) -> EvalResult:
     def encode(rec: PromptRecord) -> list[int]:
         return tokenizer.encode(apply_template(template, rec.prompt, tokenizer))
 
-    order = cfg.rewards.functions[0].kwargs.get("order")  # the first reward's own extractors
+    accuracy = cfg.rewards.accuracy_function
+    order = accuracy.kwargs.get("order")  # cons@k votes with the accuracy reward's extractors
     extract = functools.partial(extract_answer, order=order) if order else extract_answer
     with RewardComputer(cfg.rewards) as rewards:
         return evaluate(engine, records, encode, rewards, cfg.eval,
                         max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
-                        correct_reward=cfg.rewards.correct_reward, seed=cfg.train.seed,
-                        extract=extract)
+                        accuracy=accuracy.name, correct_reward=cfg.rewards.correct_reward,
+                        seed=cfg.train.seed, extract=extract)
 
 
 def eval_data(cfg: RunConfig) -> DataConfig:

@@ -40,10 +40,26 @@ class RewardsConfig:
     """Time limit of one reward evaluation, in seconds."""
     num_workers: int = 2
     """Worker processes that evaluate rewards; 0 = in the calling process."""
+    accuracy: str | None = None
+    """Name of the reward function whose score counts as correct/accuracy (hit when >=
+    correct_reward); None = the first function."""
 
     def validate(self) -> None:
-        """At least one function; positive timeout."""
+        """At least one function; positive timeout; `accuracy` names a configured function."""
         require(len(self.functions) >= 1, "functions", "is empty",
                 "give at least one, e.g. [{name: reasoning_gym}]")
         require_positive(self, "timeout_s")
         require_non_negative(self, "num_workers")
+        names = [f.name for f in self.functions]
+        require(self.accuracy is None or self.accuracy in names, "accuracy",
+                f"{self.accuracy!r} is not a configured reward function",
+                f"use one of {names} or leave it unset for the first")
+
+    @property
+    def accuracy_function(self) -> RewardFunctionConfig:
+        """The reward function whose score decides correctness (accuracy, eval's pass@k): the
+        one `accuracy` names (the first of that name), else the first function. Its score
+        column in a `RewardBatch` is its name."""
+        if self.accuracy is None:
+            return self.functions[0]
+        return next(f for f in self.functions if f.name == self.accuracy)
