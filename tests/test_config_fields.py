@@ -18,12 +18,11 @@ Not reading sites: the config modules themselves (a field read only by its own `
 the cross-section checks of `load_config` is checked but not honoured), generic dumps
 (`to_dict`, `dataclasses.asdict`), and the launcher/planner modules (`megatron_rl/launch/`,
 `megatron_rl/cli/plan.py`, `megatron_rl/cli/submit.py`): a field that only `megatron-rl plan`
-reads is a silent setting for `train`, unless it is listed in `LAUNCHER_ONLY` with the module
-that reads it (checked too, so the list cannot go stale).
-
-A field with no reading site fails the test with its dotted key. `NOT_HONOURED` lists the fields
-known to be read nowhere, each with where it should be honoured: those are bugs, kept visible
-here (the test fails when one of them becomes read, so the entry is then removed).
+reads is a silent setting for `train`. Fields honoured outside the train/eval code (the `slurm`
+section by `megatron-rl submit`, `algorithm.preset` by the config machinery) are listed in
+`READ_ELSEWHERE` with the one module that reads them, which is checked too, so the list cannot
+go stale. Nothing else is exempt: a field with no reading site fails the test, naming its
+dotted key.
 """
 
 from __future__ import annotations
