@@ -35,6 +35,7 @@ from megatron_rl.actor.loss import policy_loss_fn
 from megatron_rl.actor.parallel import init_distributed
 from megatron_rl.actor.step import LossFn, MicroBatch
 from megatron_rl.algorithms import compute_advantages, denominator, overlong_penalty
+from megatron_rl.algorithms.advantages import PER_REWARD_ESTIMATORS
 from megatron_rl.batching import build_batch, reward_matrix, split_updates
 from megatron_rl.config import RunConfig
 from megatron_rl.data import PromptSampler, apply_template, build_dataset, build_tokenizer
@@ -199,7 +200,7 @@ class Trainer:
         return GroupSampler.from_config(
             self.engines, cfg.rollout, cfg.algorithm,
             lambda n: [self.prompts.next_batch()[0] for _ in range(n)], self.reward,
-            encode=encode, return_routed_experts=experts)
+            encode=encode, return_routed_experts=experts, filter_signal=self.filter_signal)
 
     def _check_saved_rollouts(self) -> None:
         """Refuse a `rollout.save_dir` holding another run's rollouts (never overwrite them) and
@@ -328,6 +329,18 @@ class Trainer:
             scores[OVERLONG_COLUMN] = pen.double().tolist()
         matrix = torch.tensor([scores[n] for n in self.reward_names], dtype=torch.float64).T
         return _Rewards((matrix @ self.reward_weights).tolist(), scores)
+
+    def filter_signal(self, samples: list[Sample]) -> torch.Tensor:
+        """What dynamic sampling compares within a group (docs/design.md section 4): the reward
+        functions' columns [B, K] when the estimator normalises each on its own (GDPO: a group
+        is kept when any reward varies, even if the totals tie), else their weighted total
+        [B]. Shaping columns never count: DAPO keeps a group for 0 < #correct < G, whatever
+        its lengths."""
+        k = len(self.cfg.rewards.functions)  # the reward functions' columns come first
+        rewards = reward_matrix(samples, self.reward_names[:k])
+        if self.cfg.algorithm.advantage_estimator in PER_REWARD_ESTIMATORS:
+            return rewards
+        return rewards @ self.reward_weights[:k]
 
     def advantages(self, samples: list[Sample]) -> torch.Tensor:
         """Advantages [B] over the whole step by `algorithm.advantage_estimator`, from the

@@ -74,19 +74,32 @@ def gdpo_worker(out: str) -> dict:
 
     cfg = _config(out, [
         "algorithm.preset=gdpo", "rollout.save_dir=" + out + "/rollouts",
+        "algorithm.dynamic_sampling=true", "algorithm.max_gen_batches=2",
         "rewards.functions=[{name: 'test_trainer_algorithms:parity', weight: 1.0}, "
         "{name: 'test_trainer_algorithms:vowels', weight: 0.5}]",
     ])
     trainer = Trainer(cfg)
     capture = _Capture(trainer.actor)
     trainer.run(steps=1)
+    kept = None
+    if trainer.rank == 0:  # the filter the sampler runs is the trainer's per-reward rule
+        from megatron_rl.algorithms import informative_mask
+        from megatron_rl.rollout.types import Sample
+
+        assert trainer.sampler.filter_signal == trainer.filter_signal
+        a, b = trainer.reward_names
+        pairs = [(1.0, 0.0), (0.0, 2.0), (1.0, 2.0), (1.0, 2.0)]  # totals 1, 1 | 2, 2
+        probe = [Sample(group=i // 2, prompt="", prompt_ids=[1], response_ids=[2],
+                        rollout_logprobs=[0.0], finish_reason="stop", rewards={a: x, b: y})
+                 for i, (x, y) in enumerate(pairs)]
+        kept = informative_mask(trainer.filter_signal(probe), torch.tensor([0, 0, 1, 1]))
     rows = []  # (token row, advantage) of every live row this rank trained on
     for mbs in capture.train_passes:
         for mb in mbs:
             for i in range(mb.tokens.shape[0]):
                 if mb.loss_mask[i].sum() > 0:
                     rows.append((mb.tokens[i].clone(), float(mb.advantages[i])))
-    return {"rows": rows, "names": trainer.reward_names,
+    return {"rows": rows, "names": trainer.reward_names, "kept": kept,
             "weights": trainer.reward_weights.tolist()}
 
 
@@ -122,8 +135,13 @@ def test_gdpo_advantages_reach_the_update(world, tmp_path):
     samples, _ = load_rollouts(tmp_path / "rollouts", 1)
     names, weights = results[0]["names"], torch.tensor(results[0]["weights"], dtype=torch.float64)
     assert names == ["test_trainer_algorithms:parity", "test_trainer_algorithms:vowels"]
+    # GDPO's dynamic sampling keeps a group when any reward varies, even if the totals tie.
+    assert results[0]["kept"].tolist() == [True, True, False, False]
     r_bk = torch.tensor([[s.rewards[n] for n in names] for s in samples], dtype=torch.float64)
     groups = torch.tensor([s.group for s in samples])
+    for g in groups.unique():  # every kept group has a reward that varies
+        col = r_bk[groups == g]
+        assert (col.max(0).values > col.min(0).values).any()
     expected = _gdpo_reference(r_bk, groups, weights)
     torch.testing.assert_close(gdpo(r_bk, groups, weights=weights).advantages.double(), expected,
                                rtol=1e-5, atol=1e-6)

@@ -3,7 +3,8 @@ by dynamic sampling (DAPO section 3.2) until the step's target number of groups 
 
 One generation batch: draw ceil(missing_groups * over_sampling) prompts, split them over the live
 engines (one thread each), score every response with `reward_fn`, and hand the groups to
-`DynamicSamplingBuffer`, which keeps groups whose rewards disagree. Repeat until the target is
+`DynamicSamplingBuffer`, which keeps groups whose `filter_signal` (by default the total reward)
+varies. Repeat until the target is
 reached or `max_gen_batches` batches were drawn.
 
 Failures: an engine call that raises is retried with exponential backoff on the next live engine
@@ -24,7 +25,6 @@ from typing import Any
 
 import torch
 
-from megatron_rl.algorithms.advantages import PER_REWARD_ESTIMATORS
 from megatron_rl.algorithms.dynamic_sampling import DynamicSamplingBuffer, informative_mask
 from megatron_rl.rewards.pool import RewardInput
 from megatron_rl.rollout.engine import EngineError, RolloutEngine
@@ -72,7 +72,8 @@ class GroupSampler:
                  over_sampling: float = 1.0, dynamic_sampling: bool = True,
                  max_gen_batches: int = 1, max_retries: int = 3, backoff_s: float = 0.5,
                  timeout_s: float | None = 600.0,
-                 return_routed_experts: bool = False, per_reward_filter: bool = False) -> None:
+                 return_routed_experts: bool = False,
+                 filter_signal: Callable[[list[Sample]], torch.Tensor] | None = None) -> None:
         self.engines = [engines] if isinstance(engines, RolloutEngine) else list(engines)
         if not self.engines:
             raise ValueError("GroupSampler: no engines")
@@ -86,7 +87,7 @@ class GroupSampler:
         self.max_gen_batches = max_gen_batches if dynamic_sampling else 1
         self.max_retries, self.backoff_s, self.timeout_s = max_retries, backoff_s, timeout_s
         self.return_routed_experts = return_routed_experts
-        self.per_reward_filter = per_reward_filter
+        self.filter_signal = filter_signal or _total_reward
         self._draw = _drawer(prompts)
         self._pool = ThreadPoolExecutor(max_workers=len(self.engines),
                                         thread_name_prefix="rollout")
@@ -96,14 +97,12 @@ class GroupSampler:
                     algorithm: Any, prompts: PromptSource, reward_fn: RewardFn,
                     **kwargs: Any) -> GroupSampler:
         """From `RolloutConfig` (sampling, G, over-sampling, retries, routing replay) and
-        `AlgorithmConfig` (dynamic_sampling, max_gen_batches, and whether the estimator
-        filters per reward column); `kwargs` (e.g. `encode`) pass through and win."""
+        `AlgorithmConfig` (dynamic_sampling, max_gen_batches); `kwargs` (e.g. `encode`,
+        `filter_signal`) pass through and win."""
         sampling = SamplingParams(temperature=rollout.temperature, top_p=rollout.top_p,
                                   top_k=rollout.top_k, max_new_tokens=rollout.max_new_tokens)
         kwargs.setdefault("timeout_s", rollout.call_timeout_s)
         kwargs.setdefault("return_routed_experts", rollout.routing_replay)
-        kwargs.setdefault("per_reward_filter",
-                          algorithm.advantage_estimator in PER_REWARD_ESTIMATORS)
         return cls(engines, sampling, rollout.n_samples_per_prompt, rollout.prompts_per_step,
                    prompts, reward_fn, over_sampling=rollout.over_sampling,
                    dynamic_sampling=algorithm.dynamic_sampling,
@@ -129,7 +128,7 @@ class GroupSampler:
                 report.gen_batches = report.groups_seen = report.groups_kept = len(prompts)
                 report.gen_batches, report.filled = 1, len(prompts) >= self.target_groups
                 return self._finish(_by_group(samples), report, start)
-            signal = self._filter_signal(samples)
+            signal = self.filter_signal(samples)
             group_ids = torch.tensor([s.group for s in samples])
             kept += len(set(group_ids[informative_mask(signal, group_ids)].tolist()))
             buffer.add(samples, signal, group_ids)
@@ -138,16 +137,6 @@ class GroupSampler:
         report.groups_kept, report.filled = ds.groups_kept, ds.filled
         report.dropped_zero_std, report.dropped_surplus = ds.dropped_zero_std, ds.dropped_surplus
         return self._finish(groups, report, start)
-
-    def _filter_signal(self, samples: list[Sample]) -> torch.Tensor:
-        """What dynamic sampling compares within a group: the total reward [B], or with
-        `per_reward_filter` (GDPO) every reward column [B, K], so a group is kept when any
-        one reward varies in it, even if the totals tie."""
-        if self.per_reward_filter and samples and samples[0].rewards:
-            names = sorted(samples[0].rewards)
-            return torch.tensor([[s.rewards[n] for n in names] for s in samples],
-                                dtype=torch.float64)
-        return torch.tensor([s.reward for s in samples], dtype=torch.float64)
 
     def _finish(self, groups: list[list[Sample]], report: SamplerReport,
                 start: float) -> tuple[list[Sample], SamplerReport]:
@@ -261,6 +250,11 @@ class GroupSampler:
             s.reward = float(totals[i])
             s.rewards = {name: float(col[i]) for name, col in scores.items()}
         report.reward_seconds += time.perf_counter() - t0
+
+
+def _total_reward(samples: list[Sample]) -> torch.Tensor:
+    """The default dynamic-sampling signal: each sample's total reward [B]."""
+    return torch.tensor([s.reward for s in samples], dtype=torch.float64)
 
 
 def reward_inputs(samples: Sequence[Sample]) -> list[RewardInput]:
