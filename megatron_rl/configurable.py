@@ -137,6 +137,8 @@ def yaml_load(text: str) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
+@typing.dataclass_transform(kw_only_default=True, frozen_default=True,
+                            field_specifiers=(dataclasses.field,))
 def section(cls: type[T]) -> type[T]:
     """Make `cls` a config section: a frozen, keyword-only, strict pydantic dataclass.
 
