@@ -37,6 +37,12 @@ class RolloutConfig:
     """Retries of a failed engine request before the step fails."""
     routing_replay: bool = False
     """Replay the engine's routed experts in the actor's forward (MoE only)."""
+    save_dir: str | None = None
+    """Write every step's samples (prompt, response, rewards, log-probs, routed experts) to
+    `<save_dir>/step_<N>.pt`; None = off (slime's debug rollouts)."""
+    load_dir: str | None = None
+    """Train from the samples a run saved in `save_dir` instead of generating: no engine, no
+    weight sync; None = generate."""
 
     @property
     def call_timeout_s(self) -> float:
