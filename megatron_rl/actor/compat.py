@@ -4,6 +4,9 @@ Megatron-Core assumes CUDA in a handful of places (device arguments, RNG tracker
 Transformer Engine names, a grad-type assert in clipping). `activate()` patches exactly those,
 and only when `torch.cuda.is_available()` is False, so every other module of ours is ordinary
 Megatron-Core code that runs unchanged on GPUs. DESIGN.md section 2 lists what was verified.
+`backend_summary()` says in one line what runs (CUDA or this layer, collectives, Transformer
+Engine, kernels); the model build prints it once per process, in place of Megatron-Core's Apex /
+TE fallback warnings, which `megatron_rl.actor` filters.
 
 The patches:
 - a `TorchFunctionMode` mapping `device="cuda"`, `"cuda:N"` and integer devices to CPU, and
@@ -24,16 +27,20 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.metadata
 import importlib.util
 import logging
+import os
 import sys
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
 _ACTIVE = False
 _MODE: TorchFunctionMode | None = None
+_REPORTED = False
 
 
 def te_available() -> bool:
@@ -50,6 +57,54 @@ def te_available() -> bool:
 def needed() -> bool:
     """The compat layer is needed exactly when CUDA is absent."""
     return not torch.cuda.is_available()
+
+
+def _te_version() -> str | None:
+    """Transformer Engine's version when it really imports, else None."""
+    if not te_available():
+        return None
+    try:
+        return importlib.metadata.version("transformer-engine")
+    except importlib.metadata.PackageNotFoundError:
+        return "(version unknown)"
+
+
+def _triton_kernels(kernels: str) -> bool:
+    """Whether the fused kernels run in Triton under `ActorConfig.kernels` (as
+    `megatron_rl.kernels.dispatch.use_triton` decides for CUDA tensors, or CPU tensors under the
+    Triton interpreter)."""
+    if kernels == "torch" or importlib.util.find_spec("triton") is None:
+        return False
+    interpret = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on",
+                                                                           "yes")
+    return kernels == "triton" or not needed() or interpret
+
+
+def backend_summary(kernels: str = "auto") -> str:
+    """What runs the model in this process, in one line: CUDA or the CPU compatibility layer,
+    the collectives, Transformer Engine, and the kernel backend for `ActorConfig.kernels`."""
+    backend = dist.get_backend() if dist.is_initialized() else None
+    te = _te_version()
+    kernel = "Triton kernels" if _triton_kernels(kernels) else "torch kernels"
+    if needed():
+        suffix = ("Transformer Engine not installed" if te is None
+                  else f"Transformer Engine {te} installed, unused on CPU")
+        return (f"megatron-rl: CPU compatibility layer ({backend or 'no'} collectives, "
+                f"{kernel}); {suffix}")
+    layers = (f"Transformer Engine {te}" if te is not None
+              else "local layers (no Transformer Engine)")
+    return (f"megatron-rl: CUDA ({torch.cuda.get_device_name()}, {backend or 'no'} collectives), "
+            f"{layers}, {kernel}")
+
+
+def report_backend(kernels: str = "auto") -> None:
+    """Print `backend_summary` once per process, on global rank 0 only (stderr)."""
+    global _REPORTED
+    if _REPORTED:
+        return
+    _REPORTED = True
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(backend_summary(kernels), file=sys.stderr, flush=True)
 
 
 def _is_cuda_device(dev: Any) -> bool:

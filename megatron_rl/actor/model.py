@@ -15,6 +15,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
+from megatron_rl.actor import compat
 from megatron_rl.actor.config import ActorConfig, ModelConfig, ParallelConfig, padded_vocab_size
 from megatron_rl.actor.spec import decoder_block_spec
 
@@ -129,6 +130,9 @@ def transformer_config(
         # by order, so with pp=2 (prev == next) and interleaved stages an activation and a
         # gradient in flight together get swapped. Unbatched p2p orders them by rank parity.
         batch_p2p_comm=not _gloo(),
+        # Megatron-Core's own default scope "full" is deprecated (a warning on every build); the
+        # empty list is the same scope, the whole layer. No CUDA graphs are captured here.
+        cuda_graph_scope=[],
         **_recompute_kwargs(actor),
         **_moe_kwargs(model),
         **mla,
@@ -161,6 +165,7 @@ def build_model(
     model: ModelConfig, parallel: ParallelConfig, actor: ActorConfig
 ) -> tuple[list[DistributedDataParallel], TransformerConfig]:
     """All model chunks of this rank wrapped in Megatron DDP, and their `TransformerConfig`."""
+    compat.report_backend(actor.kernels)  # once per process: what runs the model
     config = transformer_config(model, parallel, actor)
     stages = parallel.virtual_pp or 1
     chunks = []
