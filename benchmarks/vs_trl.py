@@ -459,8 +459,8 @@ def run_trl(cfg: Any, work: Path) -> dict[str, Any]:
             batch = rewards([RewardInput(prompt=r.prompt, response=tok.decode(ids), label=r.label,
                                          metadata={"data_source": r.data_source, **r.metadata})
                              for r, ids in zip(recs, completion_ids, strict=True)])
-            hits = batch.scores[cfg.rewards.accuracy_function.name]
-            log.accuracy.append(sum(s >= correct for s in hits) / len(hits))
+            scores = batch.scores[cfg.rewards.accuracy_function.name]
+            log.accuracy.append(sum(s >= correct for s in scores) / len(scores))
             return [float(t) for t in batch.total]
 
         accuracy.__name__ = cfg.rewards.accuracy_function.name

@@ -18,6 +18,7 @@ from megatron_rl.metrics import (
     response_stats,
     reward_stats,
 )
+from megatron_rl.metrics.logger import learning_curve_figure, plot_learning_curve, read_metrics
 
 STEP = {
     "reward/mean": 0.41, "accuracy": 0.375, "response_length/mean": 23.12,
@@ -106,7 +107,7 @@ def test_resumed_run_records_each_step_once(tmp_path: Path) -> None:
         logger.log(step, {"reward/mean": float(step)})
     logger.close()
     logger, _ = make_logger(tmp_path, tensorboard=True, start=3)
-    assert logger.history["reward/mean"] == [(1, 1.0), (2, 2.0), (3, 3.0)]
+    assert [r["step"] for r in read_metrics(str(tmp_path / "run" / "metrics.jsonl"))] == [1, 2, 3]
     for step in (4, 5, 6):
         logger.log(step, {"reward/mean": 10.0 * step})
     logger.close()
@@ -131,6 +132,64 @@ def test_plot_png(tmp_path: Path) -> None:
     png = tmp_path / "run" / "learning_curve.png"
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+
+
+def _rl_rows(steps: int = 6, routing: bool = True) -> list[dict]:
+    """metrics.jsonl rows as the trainer writes them: two reward columns, eval every 3 steps."""
+    rows = []
+    for step in range(1, steps + 1):
+        row = {"step": step, "time": 3.0 * step, "reward/mean": 0.1 * step, "reward/std": 0.2,
+               "reward/reasoning_gym": 0.1 * step, "reward/overlong_penalty": -0.01 * step,
+               "accuracy": 0.1 * step, "response_length/mean": 20.0 + step,
+               "response_length/max": 40.0 + step, "actor/entropy": 1.0 / step,
+               "actor/clip_frac_low": 0.01, "actor/clip_frac_high": 0.02 * step,
+               "actor/grad_norm": None}
+        if routing:
+            row["routing/agreement"] = 1.0 - 0.01 * step
+        if step % 3 == 0:
+            row["eval/accuracy"] = 0.2 * step
+        rows.append(row)
+    return rows
+
+
+def _panels(fig) -> dict[str, list[str]]:
+    """Axes title -> the labels of its lines."""
+    return {ax.get_title(): [line.get_label() for line in ax.get_lines()] for ax in fig.axes}
+
+
+def test_learning_curve_has_the_panels_an_rl_user_reads(tmp_path: Path) -> None:
+    fig = learning_curve_figure(_rl_rows())
+    assert _panels(fig) == {
+        "train reward": ["mean", "reasoning_gym", "overlong_penalty"],
+        "held-out accuracy": ["eval (held-out)", "train rollouts"],
+        "response length (tokens)": ["mean", "max"],
+        "entropy": ["actor/entropy"],
+        "clip fraction": ["low (ratio < 1 - eps)", "high (ratio > 1 + eps_high)"],
+        "routing agreement": ["routing/agreement"],
+    }
+    eval_line = next(ax for ax in fig.axes if ax.get_title() == "held-out accuracy").get_lines()[0]
+    assert list(eval_line.get_xdata()) == [3, 6]  # only the rows where eval ran
+    assert list(eval_line.get_ydata()) == pytest.approx([0.6, 1.2])
+    # Written from metrics.jsonl at the end of the run.
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rl_rows()))
+    logger, _ = make_logger(tmp_path, plot=True, total=6, start=6)
+    logger.close()
+    assert (run / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_learning_curve_skips_panels_without_data(tmp_path: Path) -> None:
+    rows = [{k: v for k, v in r.items() if not k.startswith(("actor/", "reward/overlong"))}
+            for r in _rl_rows(routing=False)]
+    titles = list(_panels(learning_curve_figure(rows)))
+    assert titles == ["train reward", "held-out accuracy", "response length (tokens)"]
+    assert _panels(learning_curve_figure(rows))["train reward"] == ["mean"]  # one column: no split
+    path = tmp_path / "curve.png"
+    plot_learning_curve(rows, str(path))
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    plot_learning_curve([], str(path))  # an empty file still plots
+    assert path.stat().st_size > 0
 
 
 def test_nonzero_rank_does_nothing(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import os
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TextIO
 
 from megatron_rl.metrics.config import LoggingConfig
@@ -29,7 +29,8 @@ CONSOLE_KEYS = (
 )
 """(metric, console label) printed in this order when present; the rest go to tensorboard only."""
 
-PLOT_KEYS = ("reward/mean", "accuracy", "eval/accuracy")
+METRICS_FILE = "metrics.jsonl"
+CURVE_FILE = "learning_curve.png"
 ETA_WINDOW = 20
 """Steps in the moving average of step time behind the ETA."""
 
@@ -77,7 +78,6 @@ class MetricsLogger:
         self.active = rank == 0
         self.stream = stream
         self.clock = clock
-        self.history: dict[str, list[tuple[int, float]]] = {k: [] for k in PLOT_KEYS}
         self._step_times: deque[float] = deque(maxlen=ETA_WINDOW)
         self._start = self._last = clock()
         self._writer: Any = None
@@ -85,11 +85,8 @@ class MetricsLogger:
         if not self.active:
             return
         os.makedirs(run_dir, exist_ok=True)
-        path = os.path.join(run_dir, "metrics.jsonl")
-        for row in _keep_rows_through(path, start_step):
-            for key, points in self.history.items():
-                if isinstance(row.get(key), (int, float)):
-                    points.append((row["step"], float(row[key])))
+        path = os.path.join(run_dir, METRICS_FILE)
+        _keep_rows_through(path, start_step)
         self._jsonl = open(path, "a", encoding="utf-8")
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -104,9 +101,6 @@ class MetricsLogger:
         self._step_times.append(now - self._last)
         self._last = now
         values = {k: float(v) for k, v in metrics.items()}
-        for key, points in self.history.items():
-            if key in values and math.isfinite(values[key]):
-                points.append((step, values[key]))
         self._write_jsonl(step, now - self._start, values)
         if self._writer is not None:
             for key, value in values.items():
@@ -141,7 +135,8 @@ class MetricsLogger:
         self._jsonl.flush()
 
     def close(self) -> None:
-        """Flush and close the sinks; save `learning_curve.png` when `cfg.plot`. Idempotent."""
+        """Flush and close the sinks; save `learning_curve.png` (from the whole `metrics.jsonl`,
+        earlier runs of a resumed one included) when `cfg.plot`. Idempotent."""
         if not self.active:
             return
         if self._writer is not None:
@@ -152,13 +147,31 @@ class MetricsLogger:
             self._jsonl.close()
             self._jsonl = None
             if self.cfg.plot:
-                plot_learning_curve(self.history, os.path.join(self.run_dir, "learning_curve.png"))
+                rows = read_metrics(os.path.join(self.run_dir, METRICS_FILE))
+                plot_learning_curve(rows, os.path.join(self.run_dir, CURVE_FILE))
 
     def __enter__(self) -> MetricsLogger:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+    """The rows of a `metrics.jsonl` (one dict per step; nulls where a value was not finite).
+    Unreadable lines (a crash mid-write) are skipped; a missing file has none."""
+    if not os.path.isfile(path):
+        return []
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                rows.append(row)
+    return rows
 
 
 def _keep_rows_through(path: str, step: int) -> list[dict[str, Any]]:
@@ -183,26 +196,82 @@ def _keep_rows_through(path: str, step: int) -> list[dict[str, Any]]:
     return kept
 
 
-def plot_learning_curve(history: Mapping[str, list[tuple[int, float]]], path: str) -> None:
-    """Reward and accuracy vs step as lines, eval accuracy as points; one PNG at `path`."""
-    # The object API with the Agg canvas: no pyplot global state, no display needed.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+# (panel title, [(metric, label, style)]) of the learning curve, in reading order. Per-reward
+# columns (`reward/<function>`) join the reward panel when there are several.
+PANELS: tuple[tuple[str, tuple[tuple[str, str, dict[str, Any]], ...]], ...] = (
+    ("train reward", (("reward/mean", "mean", {"linewidth": 2}),)),
+    ("held-out accuracy", (("eval/accuracy", "eval (held-out)", {"marker": "o"}),
+                           ("accuracy", "train rollouts", {"linestyle": "--", "alpha": 0.6}))),
+    ("response length (tokens)", (("response_length/mean", "mean", {}),
+                                  ("response_length/max", "max", {"alpha": 0.6}))),
+    ("entropy", (("actor/entropy", "actor/entropy", {}),)),
+    ("clip fraction", (("actor/clip_frac_low", "low (ratio < 1 - eps)", {}),
+                       ("actor/clip_frac_high", "high (ratio > 1 + eps_high)", {}))),
+    ("routing agreement", (("routing/agreement", "routing/agreement", {}),)),
+)
+_REWARD_SUMMARIES = {"reward/mean", "reward/std"}
 
-    fig = Figure(figsize=(7, 4), dpi=100)
+
+def _series(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of `key` over the rows where it is a finite number."""
+    points = [(row["step"], float(row[key])) for row in rows
+              if isinstance(row.get(key), (int, float)) and math.isfinite(row[key])]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def _reward_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The per-reward columns (`reward/<function>`, shaping columns included) in first-seen
+    order, when there are several; with one it is the mean's own curve."""
+    keys: dict[str, None] = {}
+    for row in rows:
+        keys.update((k, None) for k in row
+                    if k.startswith("reward/") and k not in _REWARD_SUMMARIES)
+    return list(keys) if len(keys) > 1 else []
+
+
+def learning_curve_figure(rows: Sequence[Mapping[str, Any]]) -> Any:
+    """The learning curve of the `metrics.jsonl` rows: one panel per entry of `PANELS` that has
+    data (eval accuracy as points at the steps it was measured), two panels a row. Returns a
+    matplotlib `Figure` on the Agg canvas (no pyplot state, no display)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # heavy: only at the end of a run
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    panels = []
+    for title, curves in PANELS:
+        if title == "train reward":
+            curves = curves + tuple((k, k.removeprefix("reward/"), {"alpha": 0.7})
+                                    for k in _reward_columns(rows))
+        lines = [(_series(rows, key), label, style) for key, label, style in curves]
+        lines = [line for line in lines if line[0][0]]
+        if lines:
+            panels.append((title, lines))
+    cols = 2 if len(panels) > 1 else 1
+    nrows = max(1, -(-len(panels) // cols))
+    fig = Figure(figsize=(5.5 * cols, 3.2 * nrows), dpi=100)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    styles = {"reward/mean": {"label": "reward/mean"},
-              "accuracy": {"label": "accuracy"},
-              "eval/accuracy": {"label": "eval/accuracy", "marker": "o", "linestyle": "none"}}
-    for key, style in styles.items():
-        points = history.get(key, [])
-        if points:
-            steps, values = zip(*points, strict=True)
-            ax.plot(steps, values, **style)
-    ax.set_xlabel("step")
-    ax.grid(alpha=0.3)
-    if ax.has_data():
-        ax.legend(loc="best")
+    if not panels:
+        ax = fig.add_subplot()
+        ax.set_title("no metrics yet")
+        ax.set_axis_off()
+        return fig
+    for i, (title, lines) in enumerate(panels):
+        ax = fig.add_subplot(nrows, cols, i + 1)
+        for (steps, values), label, style in lines:
+            if len(steps) < 5:  # a short run: a line of one or two points would not show
+                style = {"marker": "o", "markersize": 4, **style}
+            ax.plot(steps, values, label=label, **style)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.ticklabel_format(axis="y", useOffset=False)
+        ax.grid(alpha=0.3)
+        if len(lines) > 1:
+            ax.legend(loc="best", fontsize="small")
     fig.tight_layout()
-    fig.savefig(path)
+    return fig
+
+
+def plot_learning_curve(rows: Sequence[Mapping[str, Any]], path: str) -> None:
+    """Save `learning_curve_figure(rows)` as a PNG at `path`."""
+    learning_curve_figure(rows).savefig(path)
