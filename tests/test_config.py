@@ -396,3 +396,7 @@ def test_settings_that_nothing_would_read_are_refused() -> None:
     assert "algorithm.loss_norm_len" in message and "seq_mean_token_sum_norm" in message
     message = load_error(["algorithm.dynamic_sampling=false", "rollout.over_sampling=2"])
     assert "rollout.over_sampling" in message and "dynamic_sampling" in message
+    message = load_error(["model.kv_lora_rank=256"])  # tiny: no multi-latent attention
+    assert "model.kv_lora_rank" in message and "multi_latent_attention=true" in message
+    message = load_error(["model.yarn_beta_fast=16"])
+    assert "model.yarn_beta_fast" in message and "rope_scaling=yarn" in message

@@ -5,6 +5,7 @@ run in `megatron_rl.config.load_config`. Translation to Megatron-Core's `Transfo
 happens in exactly one place in the actor, not here.
 """
 
+import dataclasses
 import math
 from typing import Literal
 
@@ -132,6 +133,11 @@ class ModelConfig:
         require(self.rope_scaling == "none" or self.multi_latent_attention, "rope_scaling",
                 "YaRN scaling is mapped for multi-latent attention only",
                 "set rope_scaling=none or multi_latent_attention=true")
+        # No silent settings: fields only one attention/RoPE kind reads keep their defaults.
+        if not self.multi_latent_attention:
+            _require_default(self, _MLA_FIELDS, "multi_latent_attention=true")
+        if self.rope_scaling == "none":
+            _require_default(self, _YARN_FIELDS, "rope_scaling=yarn")
         require_non_negative(self, "num_experts")
         if self.num_experts > 0:
             self._validate_moe()
@@ -176,6 +182,21 @@ class ModelConfig:
             require(1 <= group_topk <= groups, "moe_router_group_topk",
                     f"must be in 1..moe_router_num_groups={groups}, got {group_topk}",
                     "pick fewer groups per token")
+
+
+_MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim")
+_YARN_FIELDS = ("rope_scaling_factor", "rope_original_max_position_embeddings", "yarn_beta_fast",
+                "yarn_beta_slow", "yarn_mscale", "yarn_mscale_all_dim")
+
+
+def _require_default(cfg: ModelConfig, names: tuple[str, ...], needs: str) -> None:
+    """Refuse a non-default value in fields that are read only with `needs` set."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    for name in names:
+        value = getattr(cfg, name)
+        require(value == defaults[name], name,
+                f"is {value!r} but is read only with {needs}",
+                f"set model.{needs} or leave {name} at its default {defaults[name]!r}")
 
 
 @section
