@@ -34,7 +34,12 @@ from megatron_rl.actor.actor import Actor, StepResult
 from megatron_rl.actor.loss import policy_loss_fn
 from megatron_rl.actor.parallel import init_distributed
 from megatron_rl.actor.step import LossFn, MicroBatch
-from megatron_rl.algorithms import compute_advantages, denominator, overlong_penalty
+from megatron_rl.algorithms import (
+    compute_advantages,
+    denominator,
+    overlong_penalty,
+    summarize_stats,
+)
 from megatron_rl.algorithms.advantages import PER_REWARD_ESTIMATORS
 from megatron_rl.batching import build_batch, reward_matrix, split_updates
 from megatron_rl.config import RunConfig
@@ -479,7 +484,6 @@ class Trainer:
         columns = {n: [s.rewards.get(n, math.nan) for s in samples] for n in self.reward_names}
         lengths = [len(s.response_ids) for s in samples]
         stats = result.stats
-        tokens = max(stats.get("tokens", 0.0), 1.0)
         trained = sum(min(len(s.prompt_ids) + len(s.response_ids) - 1,
                           self.cfg.actor.seq_length) for s in samples)  # rows' real tokens
         out = {
@@ -489,11 +493,11 @@ class Trainer:
             **reflection_frequency([s.response_text for s in samples]),
             **gap,
             "routing/agreement": routing,
-            "actor/loss": stats.get("loss", 0.0),
-            "actor/entropy": stats.get("entropy_sum", math.nan) / tokens,
-            "actor/clip_frac_low": stats.get("clip_low_tokens", 0.0) / tokens,
-            "actor/clip_frac_high": stats.get("clip_high_tokens", 0.0) / tokens,
-            "actor/approx_kl": stats.get("approx_kl_sum", 0.0) / tokens,
+            "actor/loss": 0.0, "actor/entropy": math.nan, "actor/clip_frac_low": 0.0,
+            "actor/clip_frac_high": 0.0, "actor/approx_kl": 0.0,
+            # pg_loss, clip fractions, approx KL, ratio mean/max, and where on: KL to the
+            # reference, dual-clip fraction, TIS weight: per trained token of the step.
+            **{f"actor/{k}": v for k, v in summarize_stats(stats).items()},
             "actor/grad_norm": result.grad_norm, "actor/lr": result.lr,
             "actor/skipped": 0.0 if result.updated else 1.0,
             "dynamic_sampling/gen_batches": report["gen_batches"],

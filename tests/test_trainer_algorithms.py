@@ -282,3 +282,186 @@ def load_three_worker(out: str, overrides: list[str]) -> None:
     from megatron_rl.trainer import Trainer
 
     Trainer(_config(out, overrides + ["algorithm.dynamic_sampling=false"])).run(steps=3)
+
+
+# ---- every loss option and estimator through the trainer -----------------------------------------
+
+LOSS_OPTIONS = {  # name: algorithm fields layered on the run's (GRPO preset, KL k3, TIS, entropy)
+    "grpo": {},
+    "clip_higher": {"eps_high": 0.28},
+    "dual_clip": {"dual_clip_c": 1.5},
+    "kl_k1": {"kl_estimator": "k1"},
+    "kl_k2": {"kl_estimator": "k2"},
+    "token_mean": {"loss_agg": "token_mean"},
+    "dr_grpo_agg": {"loss_agg": "seq_mean_token_sum_norm", "loss_norm_len": 16},
+    "gspo": {"sequence_level_ratio": True},
+    "no_tis": {"tis_cap": None},
+}
+
+
+def options_worker(out: str) -> dict:
+    """One step with every input of the loss present (KL reference, engine log-probs, entropy),
+    two updates, overlong filtering; then the trainer's own loss function for each option is
+    compared with the library's `policy_loss` on the real micro-batches, at log-probs that move
+    every knob (ratios far outside the clip, a reference far away)."""
+    import dataclasses
+
+    from megatron_rl.algorithms import denominator, policy_loss
+    from megatron_rl.trainer import Trainer
+
+    cfg = _config(out, [
+        "actor.lr=0.05",  # large: the second update's ratios leave the clip range
+        "algorithm.preset=grpo", "algorithm.kl_coef=0.05", "algorithm.tis_cap=2.0",
+        "algorithm.entropy_coef=0.01", "algorithm.mini_batches=2",
+        "algorithm.overlong_filter=true", "rollout.save_dir=" + out + "/rollouts",
+        "rewards.functions=[{name: 'test_trainer_algorithms:parity', weight: 1.0}]",
+    ])
+    trainer = Trainer(cfg)
+    sample = trainer.sampler.sample
+
+    def half_finished():  # a random model rarely stops: let every other response "stop"
+        samples, report = sample()
+        for s in samples[::2]:
+            s.finish_reason = "stop"
+        return samples, report
+
+    trainer.sampler.sample = half_finished
+    capture = _Capture(trainer.actor)
+    history = trainer.run(steps=1)
+    checks = {}
+    for name, fields in LOSS_OPTIONS.items():
+        alg = dataclasses.replace(cfg.algorithm, **fields)
+        trainer.cfg = dataclasses.replace(cfg, algorithm=alg)
+        g = torch.Generator().manual_seed(5)
+        got, want, plain = [], [], []
+        for update in capture.train_passes:
+            fn = trainer.loss_fn(update)  # what the trainer hands the actor for this update
+            den = denominator(alg.loss_agg, [mb.loss_mask for mb in update], alg.loss_norm_len)
+            for mb in update:
+                # Log-probs and engine log-probs far enough from the old ones that the clip,
+                # dual clip, TIS cap and KL all act; an entropy to weigh.
+                lp = mb.old_logprobs + torch.randn(mb.old_logprobs.shape, generator=g)
+                roll = mb.rollout_logprobs + torch.randn(lp.shape, generator=g)
+                ent = torch.rand(lp.shape, generator=g) * 3
+                mb_x = dataclasses.replace(mb, entropy=ent, rollout_logprobs=roll)
+                got.append(fn(lp, mb_x)[0])
+                kw = dict(rollout_logprobs=roll, ref_logprobs=mb.ref_logprobs, entropy=ent)
+                want.append(policy_loss(alg, lp, mb.old_logprobs, mb.advantages, mb.loss_mask,
+                                        den, **kw)[0])
+                plain.append(policy_loss(cfg.algorithm, lp, mb.old_logprobs, mb.advantages,
+                                         mb.loss_mask, den, **kw)[0])
+        checks[name] = (float(sum(got)), float(sum(want)), float(sum(plain)))
+    trainer.cfg = cfg
+    inputs = {"ref": all(mb.ref_logprobs is not None for mb in update),
+              "rollout": all(mb.rollout_logprobs is not None for mb in update),
+              "needs_entropy": bool(trainer.loss_fn(update).needs_entropy)}
+    rows = [(mb.tokens[i].clone(), float(mb.loss_mask[i].sum()))
+            for p in capture.train_passes for mb in p for i in range(mb.tokens.shape[0])]
+    return {"checks": checks, "inputs": inputs, "metrics": history[0], "rows": rows}
+
+
+def test_every_loss_option_reaches_the_update(tmp_path):
+    from megatron_rl.batching import token_rows
+    from megatron_rl.rollout.store import load_rollouts
+
+    res = run_ranks(options_worker, 1, str(tmp_path), timeout_s=600)[0]
+    assert res["inputs"] == {"ref": True, "rollout": True, "needs_entropy": True}
+    for name, (got, want, plain) in res["checks"].items():
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-9), name
+        if name != "grpo":  # the option changes the loss at these inputs: not vacuous
+            assert abs(want - plain) > 1e-6, name
+    m = res["metrics"]
+    assert m["actor/kl"] > 0 and 0 < m["actor/tis_weight_mean"] <= 2.0
+    assert m["actor/clip_frac_high"] + m["actor/clip_frac_low"] > 0  # stale second update
+    # Overlong filtering: every truncated sample trains no token, every other one does.
+    samples, _ = load_rollouts(tmp_path / "rollouts", 1)
+    assert any(s.truncated for s in samples) and not all(s.truncated for s in samples)
+    tokens = token_rows(samples, 160)["tokens"]
+    for row, trained in res["rows"]:
+        hits = [s for i, s in enumerate(samples) if torch.equal(tokens[i], row)]
+        if hits and trained > 0:
+            assert not any(s.truncated for s in hits)
+        elif hits:
+            assert all(s.truncated for s in hits)
+
+
+ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
+
+
+def estimator_worker(out: str) -> dict:
+    """One real step (GRPO), capturing what the actor trained on; then, for every estimator,
+    the micro-batches the trainer builds from the same samples (`advantages`, then `batch`)."""
+    import dataclasses
+
+    from megatron_rl.rollout.store import load_rollouts
+    from megatron_rl.trainer import Trainer
+
+    cfg = _config(out, [
+        "algorithm.advantage_estimator=grpo", "algorithm.dynamic_sampling=false",
+        "rollout.save_dir=" + out + "/rollouts",
+        "rewards.functions=[{name: 'test_trainer_algorithms:parity', weight: 1.0}, "
+        "{name: 'test_trainer_algorithms:vowels', weight: 0.5}]"])
+    trainer = Trainer(cfg)
+    capture = _Capture(trainer.actor)
+    trainer.run(steps=1)
+    samples, _ = load_rollouts(out + "/rollouts", 1)
+    passes = {"trained": capture.train_passes}
+    for estimator in ESTIMATORS:
+        trainer.cfg = dataclasses.replace(cfg, algorithm=dataclasses.replace(
+            cfg.algorithm, advantage_estimator=estimator))
+        passes[estimator] = trainer.batch(samples, trainer.advantages(samples))
+    return {k: [(mb.tokens[i].clone(), float(mb.advantages[i]))
+                for p in v for mb in p for i in range(mb.tokens.shape[0])
+                if mb.loss_mask[i].sum() > 0] for k, v in passes.items()}
+
+
+def _reference_advantages(estimator: str, r: torch.Tensor, groups: torch.Tensor,
+                          eps: float = 1e-6) -> torch.Tensor:
+    """The papers' formulas on the total reward, a loop per group (unbiased std)."""
+    out = torch.zeros_like(r)
+    centred = torch.zeros_like(r)
+    live = torch.zeros(len(r), dtype=torch.bool)
+    for g in groups.unique():
+        idx = (groups == g).nonzero().flatten()
+        x, n = r[idx], len(idx)
+        if n < 2 or x.max() == x.min():
+            continue
+        live[idx] = True
+        if estimator == "grpo":
+            out[idx] = (x - x.mean()) / (x.std() + eps)
+        elif estimator == "dr_grpo":
+            out[idx] = x - x.mean()
+        elif estimator == "rloo":
+            out[idx] = torch.stack([x[i] - (x.sum() - x[i]) / (n - 1) for i in range(n)])
+        centred[idx] = x - x.mean()
+    if estimator == "reinforce_pp_baseline":
+        vals = centred[live]
+        out[live] = (vals - vals.mean()) / (vals.std() + eps)
+    return out
+
+
+def test_advantage_estimators_reach_the_update(tmp_path):
+    from megatron_rl.batching import token_rows
+    from megatron_rl.rollout.store import load_rollouts
+
+    rows = run_ranks(estimator_worker, 1, str(tmp_path), timeout_s=600)[0]
+    samples, _ = load_rollouts(tmp_path / "rollouts", 1)
+    # The paid reward: both functions by weight, plus the tiny config's (DAPO) soft overlong
+    # punishment, a column of weight 1.
+    assert all("overlong_penalty" in s.rewards for s in samples)
+    total = torch.tensor([s.rewards["test_trainer_algorithms:parity"]
+                          + 0.5 * s.rewards["test_trainer_algorithms:vowels"]
+                          + s.rewards["overlong_penalty"] for s in samples], dtype=torch.float64)
+    groups = torch.tensor([s.group for s in samples])
+    tokens = token_rows(samples, 160)["tokens"]
+    # What the actor trained on is what `batch` builds for the configured estimator.
+    assert all(torch.equal(a[0], b[0]) and a[1] == b[1]
+               for a, b in zip(rows["trained"], rows["grpo"], strict=True))
+    for estimator in ESTIMATORS:
+        expected = _reference_advantages(estimator, total, groups)
+        assert expected.abs().max() > 0  # some group varies: not vacuous
+        assert rows[estimator]
+        for row, adv in rows[estimator]:
+            hits = [i for i in range(len(samples)) if torch.equal(tokens[i], row)]
+            assert any(abs(adv - float(expected[i])) < 1e-5 for i in hits), \
+                (estimator, adv, expected[hits])
