@@ -43,6 +43,7 @@ setup(
         "matplotlib",
         "reasoning-gym",
         "pyarrow",  # parquet prompt datasets
+        "pydantic>=2.6",  # config sections (strict dataclasses)
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "flash-attn", "sglang"],

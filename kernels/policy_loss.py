@@ -1,4 +1,4 @@
-"""Token-level clipped policy loss, fused forward + backward in one Triton pass (DESIGN.md
+"""Token-level clipped policy loss, fused forward + backward in one Triton pass (docs/design.md
 sections 4 and 5).
 
 Shape legend: B = samples, T = tokens. Same signature and contract as the algorithms library's

@@ -1,9 +1,10 @@
-"""The RL loop (DESIGN.md section 3): sample -> reward -> filter -> advantages -> old log-probs
--> policy update -> weight sync -> metrics -> checkpoint.
+"""The RL loop (docs/design.md section 3), one line per verb in `Trainer.train_step`:
+sample (generate, reward, shape, filter) -> advantages -> batch -> old log-probs -> update ->
+weight sync -> metrics; checkpoints around it.
 
 Colocated: rank 0 holds the rollout engine and the reward workers; every rank holds its shard
 of the Megatron-Core actor. Rank 0's samples are broadcast, and each data-parallel rank trains
-on its rows.
+on its rows (`batching.split_updates`). Process-group work lives behind `Actor` methods.
 
 Checkpoints (`run_state`): every `checkpoint.save_interval` steps, at the end of `run()`, and when
 SIGTERM/SIGUSR1 arrives (Slurm's preemption warning; the step in flight finishes first). With
@@ -44,7 +45,9 @@ from megatron_rl.algorithms.advantages import PER_REWARD_ESTIMATORS
 from megatron_rl.batching import build_batch, reward_matrix, split_updates
 from megatron_rl.config import RunConfig
 from megatron_rl.data import PromptSampler, apply_template, build_dataset, build_tokenizer
+from megatron_rl.evaluate import run_eval
 from megatron_rl.metrics import (
+    MetricsLogger,
     logprob_mismatch,
     reflection_frequency,
     response_stats,
@@ -52,9 +55,10 @@ from megatron_rl.metrics import (
 )
 from megatron_rl.rewards import RewardComputer
 from megatron_rl.rewards.pool import column_names
-from megatron_rl.rollout.sampler import GroupSampler
+from megatron_rl.rollout.sampler import GroupSampler, reward_inputs
 from megatron_rl.rollout.store import load_rollouts, save_rollouts, saved_steps
 from megatron_rl.rollout.types import Sample
+from megatron_rl.rollout.weight_sync import sync_weights
 
 RANK0_WORK_TIMEOUT_S = 3600.0
 """How long other ranks wait for rank 0's generation or evaluation before giving up."""
@@ -230,8 +234,6 @@ class Trainer:
         saving every `checkpoint.save_interval` steps and at the end. On SIGTERM/SIGUSR1 the
         step in flight finishes, a checkpoint is saved and `run` returns early with
         `stopped_by_signal` set. Returns the metrics of the steps run by this call."""
-        from megatron_rl.metrics import MetricsLogger
-
         end = self.step + steps if steps is not None else self.cfg.train.steps
         self.stopped_by_signal = False
         history = []
@@ -299,8 +301,6 @@ class Trainer:
         """Held-out pass@k, cons@k and avg@k of the current policy (`eval` section), generated
         by rank 0's engine; rows written to `<output_dir>/eval/step_<N>.jsonl`. The same
         metrics on every rank."""
-        from megatron_rl.evaluate import run_eval
-
         if self._engine_stale:
             self.sync_weights()
 
@@ -323,8 +323,6 @@ class Trainer:
         """Score `samples` with every reward function; then shaping, the one place it applies:
         DAPO's soft overlong punishment is one more column (`OVERLONG_COLUMN`, weight 1), so the
         total and GDPO's per-reward normalisation both see it."""
-        from megatron_rl.rollout.sampler import reward_inputs
-
         batch = self.reward_computer(reward_inputs(samples))
         scores = {name: [float(x) for x in col] for name, col in batch.scores.items()}
         alg = self.cfg.algorithm
@@ -430,8 +428,6 @@ class Trainer:
 
     def sync_weights(self) -> dict[str, float]:
         """The actor's weights to the engine (collective; engine on rank 0)."""
-        from megatron_rl.rollout.weight_sync import sync_weights
-
         if self.cfg.rollout.load_dir is not None:  # no engine to update
             self._engine_stale = False
             return dict(_NO_SYNC)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Bring up a one-node Slurm cluster on this machine (DESIGN.md section 7): Debian's Slurm with
+# Bring up a one-node Slurm cluster on this machine (docs/design.md section 7): Debian's Slurm with
 # munge, the daemons started directly (there is no systemd), their PIDs kept in $STATE/pids so
 # scripts/slurm_down.sh stops exactly them. Idempotent: daemons already running are left alone.
 #   sudo scripts/slurm_up.sh        (needs root: apt-get, /etc/slurm, daemons as root)

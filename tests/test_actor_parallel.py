@@ -239,7 +239,7 @@ def policy_worker(overrides: list[str], init_root: str, rows_per_mb: int, loss_a
 @pytest.mark.parametrize("loss_agg", ["token_mean", "seq_mean_token_mean"])
 @pytest.mark.parametrize("layout", ["dp2", "tp2_sp"])
 def test_policy_loss_same_under_layout_and_micro_batch_split(layout, loss_agg, references):
-    """DESIGN.md section 4's invariance with the real loss: 1 rank with 2 rows per micro-batch
+    """docs/design.md section 4's invariance with the real loss: 1 rank with 2 rows per micro-batch
     against 2 ranks with 1 row per micro-batch; loss, gradient norm and statistics agree.
 
     The MoE load-balancing loss is off: Megatron computes it per micro-batch from that

@@ -1,4 +1,4 @@
-"""RL math (DESIGN.md section 4): every expected number is computed here from the formula."""
+"""RL math (docs/design.md section 4): every expected number is computed here from the formula."""
 
 import math
 import statistics

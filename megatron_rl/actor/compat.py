@@ -3,7 +3,7 @@
 Megatron-Core assumes CUDA in a handful of places (device arguments, RNG trackers, streams,
 Transformer Engine names, a grad-type assert in clipping). `activate()` patches exactly those,
 and only when `torch.cuda.is_available()` is False, so every other module of ours is ordinary
-Megatron-Core code that runs unchanged on GPUs. DESIGN.md section 2 lists what was verified.
+Megatron-Core code that runs unchanged on GPUs. docs/design.md section 2 lists what was verified.
 `backend_summary()` says in one line what runs (CUDA or this layer, collectives, Transformer
 Engine, kernels); the model build prints it once per process, in place of Megatron-Core's Apex /
 TE fallback warnings, which `megatron_rl.actor` filters.

@@ -1,6 +1,6 @@
 """Forward/backward over micro-batches through Megatron-Core's own schedules (PP included).
 
-The loss contract (DESIGN.md section 4): a `LossFn` returns, per micro-batch, the *sum* of its
+The loss contract (docs/design.md section 4): a `LossFn` returns, per micro-batch, the *sum* of its
 per-token (or per-sequence) terms already divided by the step's global denominator, so the
 step loss is the plain sum over micro-batches and DP ranks whatever the split. Megatron
 averages over micro-batches and DP replicas; we multiply by both counts to undo that average.

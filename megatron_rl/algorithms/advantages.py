@@ -1,4 +1,4 @@
-"""Group advantages from per-sample rewards (DESIGN.md section 4).
+"""Group advantages from per-sample rewards (docs/design.md section 4).
 
 Shape legend: B = samples, K = reward functions (GDPO). `group_ids` [B] are any integer labels;
 samples with the same label answer the same prompt. Every estimator gives one scalar per sample,

@@ -1,4 +1,4 @@
-"""Loss aggregation over tokens with a global denominator (DESIGN.md section 4).
+"""Loss aggregation over tokens with a global denominator (docs/design.md section 4).
 
 Shape legend: B = samples, T = tokens; `loss_mask` [B, T] is 1 where a token counts.
 

@@ -1,7 +1,7 @@
 """Config section owned by the algorithms: advantages, policy loss, KL and sample shaping.
 
 A `preset` (grpo, dapo, dr_grpo, gdpo) fills only the fields the user did not set explicitly;
-see `PRESETS` and DESIGN.md section 4 for the numbers.
+see `PRESETS` and docs/design.md section 4 for the numbers.
 """
 
 from typing import Any, ClassVar, Literal

@@ -1,4 +1,4 @@
-"""Clipped policy-gradient loss per token, with its summable statistics (DESIGN.md section 4).
+"""Clipped policy-gradient loss per token, with its summable statistics (docs/design.md section 4).
 
 Shape legend: B = samples, T = tokens. Log-probs are of the sampled tokens [B, T]; advantages
 are per sample [B] (broadcast over tokens) or per token [B, T]; `loss_mask` [B, T] is 1 where a

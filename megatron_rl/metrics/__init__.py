@@ -1,7 +1,7 @@
 """Tensorboard and console metrics; pass@k, cons@k, avg@k live in `megatron_rl.algorithms`.
 
 `MetricsLogger` is the trainer's per-step sink on rank 0; the helpers in `stats` turn rollouts
-into the scalars of DESIGN.md section 8. Importing this package does not import torch.
+into the scalars of docs/design.md section 8. Importing this package does not import torch.
 """
 
 from megatron_rl.metrics.config import LoggingConfig

@@ -1,7 +1,7 @@
 """The per-step metrics sink on rank 0: console line, tensorboard scalars, JSON lines, plot.
 
 The trainer calls `MetricsLogger.log(step, metrics)` once per step with metrics named in `/`
-groups (DESIGN.md section 8: `reward/mean`, `actor/grad_norm`, `eval/accuracy`, ...), and
+groups (docs/design.md section 8: `reward/mean`, `actor/grad_norm`, `eval/accuracy`, ...), and
 `close()` at the end. On every rank other than 0 each method does nothing.
 """
 

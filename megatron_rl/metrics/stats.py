@@ -1,4 +1,4 @@
-"""Pure helpers that turn one step's rollouts into scalars named as in DESIGN.md section 8.
+"""Pure helpers that turn one step's rollouts into scalars named as in docs/design.md section 8.
 
 Each returns a dict keyed by the full metric name (`reward/mean`, `response_length/max`, ...),
 so the trainer can merge them straight into the step's metrics. Only `logprob_mismatch` needs

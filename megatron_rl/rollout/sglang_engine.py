@@ -4,7 +4,7 @@
 Routes and fields are SGLang's own, read from its source (sgl-project/sglang,
 `python/sglang/srt/managers/io_struct.py` at commit 001067fffe33427bee0ed2f007fb7551a1d76b44 and
 `python/sglang/srt/entrypoints/http_server.py` at 0025436eab0556737d615b36a4dd3e1e26e82f3d, the
-0.5.x line; DESIGN.md section 6 lists the same fields for 0.5.23):
+0.5.x line; docs/design.md section 6 lists the same fields for 0.5.23):
 
 - `/generate` (GenerateReqInput): `text` | `input_ids` (one or a batch), `sampling_params`,
   `return_logprob`, `logprob_start_len` (-1: output tokens only), `top_logprobs_num`,

@@ -16,6 +16,7 @@ L = MoE layers.
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -106,6 +107,10 @@ class TransformersEngine:
         self._weights = HFWeightApplier(self.model)
         self._released = False
         self._groups: dict[str, tuple[Any, Any]] = {}
+        # transformers 5.x names the KV cache argument `cache` (`past_key_values` is deprecated
+        # and warns on every call); older releases only know `past_key_values`.
+        params = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
         cfg = model.config
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos = cfg.eos_token_id if eos is None else eos
@@ -215,7 +220,7 @@ class TransformersEngine:
 
     def _forward(self, ids, mask, pos, cache) -> torch.Tensor:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+                         use_cache=True, logits_to_keep=1, **{self._cache_arg: cache})
         return out.logits[:, -1].float()
 
     def _sample_step(self, logits_BV: torch.Tensor, sp: SamplingParams,
