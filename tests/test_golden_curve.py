@@ -2,9 +2,10 @@
 per-step reward, loss and friends compared with a checked-in reference, so a change that alters
 what the trainer learns (advantages, loss, clipping, shaping, sampling, weight sync) fails here.
 
-The run: `configs/tiny_moe_cpu.yaml` (DAPO preset: clip-higher, token-mean loss, soft overlong
-punishment), two reward columns (the task's accuracy and a length reward, weight 0.5), two
-optimizer updates per step so the clip acts, 6 steps from the seeded random init.
+The run: `configs/tiny_moe_cpu.yaml` (DAPO preset: clip-higher, token-mean loss, dynamic
+sampling, soft overlong punishment), two reward columns (the task's accuracy and a length
+reward, weight 0.5), two optimizer updates per step so the clip acts, 6 steps from the seeded
+random init.
 
 Tolerances: what depends only on the sampled tokens (rewards, lengths, accuracy) must match to
 1e-6; loss, gradient norm, entropy and clip fractions to a relative 1e-3 (fp32 sums may reduce
@@ -29,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "golden" / "tiny_dapo.json"
 STEPS = 6
 EXACT = ("reward/mean", "reward/reasoning_gym", "reward/length", "accuracy",
-         "response_length/mean")
+         "response_length/mean", "dynamic_sampling/keep_ratio")
 CLOSE = ("actor/loss", "actor/grad_norm", "actor/entropy", "actor/clip_frac_high",
          "actor/clip_frac_low", "actor/approx_kl")
 
@@ -41,7 +42,7 @@ def curve_worker(out: str) -> list[dict[str, float]]:
     cfg = load_config(str(ROOT / "configs" / "tiny_moe_cpu.yaml"), [
         "rollout.prompts_per_step=4", "rollout.n_samples_per_prompt=4",
         "rollout.max_new_tokens=16", "actor.seq_length=160", "actor.micro_batch_size=4",
-        "algorithm.mini_batches=2", "algorithm.dynamic_sampling=false",
+        "algorithm.mini_batches=2", "algorithm.max_gen_batches=2",
         "rewards.functions=[{name: reasoning_gym, weight: 1.0}, "
         "{name: length, weight: 0.5, kwargs: {max_len: 64}}]",
         "data.train_size=200", "data.eval_size=20", "eval.size=0", "rewards.num_workers=0",

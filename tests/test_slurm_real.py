@@ -1,4 +1,5 @@
-"""`megatron-rl submit` against a real one-node Slurm (scripts/slurm_up.sh, docs/design.md section 7).
+"""`megatron-rl submit` against a real one-node Slurm (scripts/slurm_up.sh; docs/design.md
+section 7).
 
 A tiny CPU run is submitted; once it has saved a checkpoint it is requeued with `scontrol
 requeue` (SIGTERM to the job: the trainer ranks save, Slurm puts the job back in the queue); it

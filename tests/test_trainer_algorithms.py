@@ -405,14 +405,24 @@ def estimator_worker(out: str) -> dict:
     capture = _Capture(trainer.actor)
     trainer.run(steps=1)
     samples, _ = load_rollouts(out + "/rollouts", 1)
+    # DAPO's filter (this config's preset) reads the reward functions, never the shaping: a
+    # group whose only difference is the overlong penalty carries no signal.
+    from megatron_rl.algorithms import informative_mask
+    from megatron_rl.rollout.types import Sample
+
+    a, b, pen = trainer.reward_names
+    probe = [Sample(group=0, prompt="", prompt_ids=[1], response_ids=[2], rollout_logprobs=[0.0],
+                    finish_reason="stop", rewards={a: 1.0, b: 10.0, pen: p}) for p in (0.0, -1.0)]
+    filtered = informative_mask(trainer.filter_signal(probe), torch.tensor([0, 0])).tolist()
     passes = {"trained": capture.train_passes}
     for estimator in ESTIMATORS:
         trainer.cfg = dataclasses.replace(cfg, algorithm=dataclasses.replace(
             cfg.algorithm, advantage_estimator=estimator))
         passes[estimator] = trainer.batch(samples, trainer.advantages(samples))
-    return {k: [(mb.tokens[i].clone(), float(mb.advantages[i]))
-                for p in v for mb in p for i in range(mb.tokens.shape[0])
-                if mb.loss_mask[i].sum() > 0] for k, v in passes.items()}
+    return {"filtered": filtered} | {
+        k: [(mb.tokens[i].clone(), float(mb.advantages[i]))
+            for p in v for mb in p for i in range(mb.tokens.shape[0])
+            if mb.loss_mask[i].sum() > 0] for k, v in passes.items()}
 
 
 def _reference_advantages(estimator: str, r: torch.Tensor, groups: torch.Tensor,
@@ -454,6 +464,7 @@ def test_advantage_estimators_reach_the_update(tmp_path):
                           + s.rewards["overlong_penalty"] for s in samples], dtype=torch.float64)
     groups = torch.tensor([s.group for s in samples])
     tokens = token_rows(samples, 160)["tokens"]
+    assert rows["filtered"] == [False, False]
     # What the actor trained on is what `batch` builds for the configured estimator.
     assert all(torch.equal(a[0], b[0]) and a[1] == b[1]
                for a, b in zip(rows["trained"], rows["grpo"], strict=True))
