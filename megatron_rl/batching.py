@@ -48,12 +48,8 @@ class RLBatch:
     advantages: torch.Tensor
     """One advantage per row [B] (fp32)."""
     routed_experts: torch.Tensor | None = None
-    """Experts the engine chose for each input position [B, S, L, E] (int64), or None."""
-    old_logprobs: torch.Tensor | None = None
-    """Log-probs of the policy that sampled (the ratio's denominator) [B, S]; set by the
-    trainer's old-log-prob pass."""
-    ref_logprobs: torch.Tensor | None = None
-    """Log-probs of the KL reference policy [B, S]; set when the KL penalty is on."""
+    """Experts the engine chose for each input position [B, S, L, E] (int64), or None. (Old and
+    reference log-probs are per micro-batch: the actor's passes fill them in.)"""
 
     @property
     def size(self) -> int:
@@ -85,7 +81,6 @@ class RLBatch:
             out.append(MicroBatch(
                 tokens=self.tokens[s], labels=self.labels[s], loss_mask=self.loss_mask[s],
                 advantages=self.advantages[s], rollout_logprobs=self.rollout_logprobs[s],
-                old_logprobs=_part(self.old_logprobs, s), ref_logprobs=_part(self.ref_logprobs, s),
                 routed_experts=_part(self.routed_experts, s)))
         return out
 

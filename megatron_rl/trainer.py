@@ -66,6 +66,11 @@ MAX_NONFINITE_STEPS = 3
 """Consecutive steps with a non-finite loss or grad norm after which the run stops."""
 
 
+OVERLONG_COLUMN = "overlong_penalty"
+"""Reward column of DAPO's soft overlong punishment (weight 1) when `algorithm.overlong_penalty`."""
+_NO_SYNC = {"seconds": 0.0, "bytes": 0.0}
+
+
 class NonFiniteError(RuntimeError):
     """Too many consecutive steps had a non-finite loss or gradient norm."""
 
@@ -93,20 +98,17 @@ def reward_columns(cfg: RunConfig) -> tuple[list[str], torch.Tensor]:
 
 
 def merge_results(results: list[StepResult]) -> StepResult:
-    """One step's metrics from its updates: stats and grad norm averaged over the updates that
-    ran, the last lr; skipped only when every update was."""
+    """One step's metrics from its updates: stats averaged over the updates that ran (maxima,
+    keys ending in `_max`, reduced by max), grad norm averaged, the last lr; skipped only when
+    every update was."""
     ran = [r for r in results if r.updated] or results
     keys = {k for r in ran for k in r.stats}
-    stats = {k: sum(r.stats[k] for r in ran if k in r.stats) / sum(k in r.stats for r in ran)
+    stats = {k: max(r.stats[k] for r in ran if k in r.stats) if k.endswith("_max") else
+             sum(r.stats[k] for r in ran if k in r.stats) / sum(k in r.stats for r in ran)
              for k in keys}
     return StepResult(stats, sum(r.grad_norm for r in ran) / len(ran), results[-1].lr,
                       any(r.updated for r in results), None if ran[0].updated else
                       results[-1].nonfinite)
-
-
-OVERLONG_COLUMN = "overlong_penalty"
-"""Reward column of DAPO's soft overlong punishment (weight 1) when `algorithm.overlong_penalty`."""
-_NO_SYNC = {"seconds": 0.0, "bytes": 0.0}
 
 
 class _Timer:

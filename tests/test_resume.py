@@ -189,12 +189,12 @@ def nonfinite_worker(out: str) -> dict:
 
     from megatron_rl.trainer import NonFiniteError
 
-    trainer = build(["algorithm.dynamic_sampling=false", "rollout.prompts_per_step=2",
-                     "rollout.n_samples_per_prompt=2"], out)
+    trainer = build(["algorithm.dynamic_sampling=false", "rollout.over_sampling=1.0",
+                     "rollout.prompts_per_step=2", "rollout.n_samples_per_prompt=2"], out)
     make_loss = trainer.loss_fn
 
-    def poisoned_loss(den):
-        fn = make_loss(den)
+    def poisoned_loss(mbs):
+        fn = make_loss(mbs)
         step = trainer.step + 1
 
         def wrapped(logprobs, mb):

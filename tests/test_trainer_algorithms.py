@@ -5,6 +5,10 @@
 - Routing replay (R3): with replay on, every trained position of every actor forward uses the
   engine's experts, at 1 rank, EP=2 and TP=2; `routing/agreement` is logged either way; with an
   engine whose router differs from the actor's, replay does not widen the log-prob gap.
+- Every loss option (clip-higher, dual clip, KL k1/k2/k3, TIS, entropy, aggregations, GSPO,
+  overlong filtering): the loss the trainer hands the actor is the library's for that config.
+- Advantage estimators (GRPO, Dr.GRPO, RLOO, REINFORCE++): the batch the trainer builds carries
+  the papers' advantages; DAPO's filter ignores the overlong shaping.
 - Saved rollouts: `rollout.load_dir` trains from what `rollout.save_dir` saved, bit for bit.
 """
 

@@ -77,8 +77,9 @@ class ReferencePolicy:
     def logprobs(
         self, actor: Actor, microbatches: Sequence[MicroBatch], temperature: float = 1.0
     ) -> list[torch.Tensor]:
-        """Log-probs [b, s] of each micro-batch's labels under the reference weights (the
-        `ref_logprobs` extra of the KL penalty); the actor's weights are back, bitwise, after."""
+        """Log-probs [b, s] of each micro-batch's labels under the reference weights
+        (`MicroBatch.ref_logprobs` of the KL penalty); the actor's weights are back, bitwise,
+        after."""
         with self.swapped_in(actor):
             return actor.logprobs(microbatches, temperature)
 

@@ -86,64 +86,6 @@ def install_agreement(actor: Any) -> None:
             router.router_replay = AgreementRouterReplay()
 
 
-def router_order(experts: Sequence[torch.Tensor] | torch.Tensor, seq_len: int,
-                 sequence_parallel: bool = False) -> torch.Tensor:
-    """Per-sample experts [T_j, L, K] of one micro-batch -> [L, s * b, K] in Megatron's token
-    order, cut to this rank's slice when `sequence_parallel` (the actor's
-    `parallel.sequence_parallel`). Positions past a sample's end (padding,
-    masked out of the loss) get the sample's last token's experts."""
-    rows = []
-    for ex in experts:
-        if ex.shape[0] >= seq_len:
-            rows.append(ex[:seq_len])
-        else:
-            rows.append(torch.cat([ex, ex[-1:].expand(seq_len - ex.shape[0], -1, -1)]))
-    sbLK = torch.stack(rows, dim=1)  # [s, b, L, K]
-    tp = ps.get_tensor_model_parallel_world_size()
-    if tp > 1 and sequence_parallel:
-        r, chunk = ps.get_tensor_model_parallel_rank(), seq_len // tp
-        sbLK = sbLK[r * chunk : (r + 1) * chunk]
-    s, b, L, K = sbLK.shape
-    return sbLK.reshape(s * b, L, K).permute(1, 0, 2).contiguous().long()
-
-
-@contextmanager
-def replaying(actor: Any, per_microbatch: Sequence[torch.Tensor]) -> Iterator[None]:
-    """Within the block, forward number i of each router uses `per_microbatch[i]` [L, N, K]
-    (from `router_order`); call `actor.logprobs` / `actor.train_step` inside."""
-    routers = moe_routers(actor)
-    if not routers or routers[0][1].router_replay is None:
-        raise RuntimeError("routing replay is off: call enable_routing_replay(actor) first")
-    handles = []
-    for layer, router in routers:
-        queue = [mb[layer] for mb in per_microbatch]
-        handles.append(router.register_forward_pre_hook(_feed(router, layer, queue)))
-        router.router_replay.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-        for _, router in routers:
-            router.router_replay.clear_indices()
-            router.router_replay.clear_router_replay_action()
-
-
-def _feed(router: TopKRouter, layer: int, queue: list[torch.Tensor]):
-    def hook(_module, args) -> None:
-        tokens = args[0].shape[0] * args[0].shape[1]
-        if not queue:
-            raise RuntimeError(f"routing replay: MoE layer {layer} ran more forwards than "
-                               "micro-batches were given")
-        target = queue.pop(0)
-        if target.shape[0] != tokens:
-            raise ValueError(f"routing replay: MoE layer {layer} sees {tokens} tokens but the "
-                             f"replayed experts cover {target.shape[0]}")
-        router.router_replay.clear_indices()
-        router.router_replay.set_target_indices(target)
-    return hook
-
-
 @contextmanager
 def recording(actor: Any) -> Iterator[list[dict[int, torch.Tensor]]]:
     """Capture the experts every router chose: per forward call, {MoE layer: [N, K] sorted}."""
@@ -164,22 +106,6 @@ def recording(actor: Any) -> Iterator[list[dict[int, torch.Tensor]]]:
     finally:
         for h in handles:
             h.remove()
-
-
-def routing_agreement(engine_experts: torch.Tensor, actor_experts: torch.Tensor,
-                      mask: torch.Tensor | None = None) -> list[float]:
-    """Per MoE layer, the fraction of the actor's top-k picks the engine also made.
-
-    Both [L, N, K] (any order within K); `mask` [N] selects the tokens that count.
-    """
-    if engine_experts.shape != actor_experts.shape:
-        raise ValueError(f"expert tensors differ in shape: {tuple(engine_experts.shape)} vs "
-                         f"{tuple(actor_experts.shape)}")
-    same = (engine_experts[..., :, None] == actor_experts[..., None, :]).any(-1)  # [L, N, K]
-    per_token = same.float().mean(-1)  # [L, N]
-    if mask is not None:
-        per_token = per_token[:, mask.bool()]
-    return per_token.mean(-1).tolist()
 
 
 def to_router_order(x_bs: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:

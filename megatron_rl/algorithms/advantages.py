@@ -152,7 +152,8 @@ ADVANTAGES: dict[str, AdvantageFn] = {
 
 PER_REWARD_ESTIMATORS = frozenset({"gdpo"})
 """Estimators that normalise each reward column on its own: dynamic sampling keeps a group
-when any column varies in it (`dynamic_sampling.informative_mask` with rewards [B, K])."""
+when any reward function's column varies in it (`dynamic_sampling.informative_mask` with
+rewards [B, K]; shaping columns are not part of that signal, see `Trainer.filter_signal`)."""
 
 
 def compute_advantages(estimator: str, rewards: torch.Tensor, group_ids: torch.Tensor,
