@@ -48,7 +48,8 @@ class RLBatch:
     advantages: torch.Tensor
     """One advantage per row [B] (fp32)."""
     routed_experts: torch.Tensor | None = None
-    """Experts the engine chose for each input position [B, S, L, E] (int64), or None. (Old and
+    """Experts the engine chose for each input position [B, S, L, E] (int16: expert ids fit,
+    and at scale this is the batch's largest tensor), or None. (Old and
     reference log-probs are per micro-batch: the actor's passes fill them in.)"""
 
     @property
@@ -127,7 +128,7 @@ def token_rows(samples: Sequence[Sample], seq_length: int, pad_id: int = 0
 
 
 def expert_rows(samples: Sequence[Sample], seq_length: int) -> torch.Tensor | None:
-    """The engine's experts per input position [B, S, L, E] (int64), or None when a sample
+    """The engine's experts per input position [B, S, L, E] (int16), or None when a sample
     has none. Positions past a sample's recorded tokens (the last generated token, which the
     engine never fed back, and right padding; none of them trains the router's choice for a
     response token that counts) repeat its last recorded position."""
@@ -138,7 +139,7 @@ def expert_rows(samples: Sequence[Sample], seq_length: int) -> torch.Tensor | No
         raise ValueError(f"routed experts of different layouts (MoE layers, top-k): {shapes}")
     rows = []
     for s in samples:
-        ex = torch.as_tensor(s.routed_experts).long()[:seq_length]
+        ex = torch.as_tensor(s.routed_experts).to(torch.int16)[:seq_length]
         if ex.shape[0] == 0:
             raise ValueError("a sample has routed_experts for no token")
         pad = ex[-1:].expand(seq_length - ex.shape[0], -1, -1)

@@ -135,7 +135,7 @@ def engine_routing(actor: Any, microbatches: Sequence[Any], replay: bool
     if replay and actor.actor_cfg.recompute != "none":
         raise ValueError("routing replay with actor.recompute != none is not supported")
     sp = bool(actor.config.sequence_parallel)
-    targets = [to_router_order(mb.routed_experts, sp) for mb in microbatches]  # [N, L, K]
+    targets = [to_router_order(mb.routed_experts, sp).long() for mb in microbatches]  # [N, L, K]
     masks = [to_router_order(mb.loss_mask, sp) != 0 for mb in microbatches]  # [N]
     action = RouterReplayAction.REPLAY_FORWARD if replay else RouterReplayAction.RECORD
     handles = []
