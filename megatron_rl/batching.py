@@ -112,6 +112,9 @@ def token_rows(samples: Sequence[Sample], seq_length: int, pad_id: int = 0
     mask = torch.zeros(b, seq_length)
     rollout = torch.zeros(b, seq_length)
     for i, s in enumerate(samples):
+        if not s.prompt_ids:
+            raise ValueError(f"sample {i} has no prompt tokens (group {s.group}); every "
+                             "response is predicted from at least one prompt token")
         seq = (list(s.prompt_ids) + list(s.response_ids))[: seq_length + 1]
         n = len(seq) - 1
         if n <= 0:

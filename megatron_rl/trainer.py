@@ -215,18 +215,33 @@ class Trainer:
 
     def _check_saved_rollouts(self) -> None:
         """Refuse a `rollout.save_dir` holding another run's rollouts (never overwrite them) and
-        an evaluation that `rollout.load_dir` (no engine) cannot run."""
+        an evaluation that `rollout.load_dir` (no engine) cannot run (every rank raises)."""
         ro = self.cfg.rollout
         if ro.load_dir is not None and (self.cfg.train.eval_interval > 0
                                         or self.cfg.eval.size != 0):
             raise ValueError("rollout.load_dir trains from saved samples without an engine, so "
                              "it cannot evaluate: set train.eval_interval=0 and eval.size=0")
-        if self.rank == 0 and ro.save_dir is not None:
-            later = [n for n in saved_steps(ro.save_dir) if n > self.step]
-            if later and self.resumed_from is None:
-                raise ValueError(f"rollout.save_dir: {ro.save_dir} already holds saved rollouts "
-                                 f"(step_{later[0]}.pt ...); choose an empty directory or "
-                                 "remove them")
+        if ro.save_dir is None or self.resumed_from is not None:
+            return  # a resumed run rewrites only the steps after its checkpoint: its own
+        later = self._from_rank0(lambda: [n for n in saved_steps(ro.save_dir) if n > self.step])
+        if later:
+            raise ValueError(f"rollout.save_dir: {ro.save_dir} already holds saved rollouts "
+                             f"(step_{later[0]}.pt ...); choose an empty directory or remove "
+                             "them")
+
+    def _check_loadable(self, end: int) -> None:
+        """With `rollout.load_dir`, every step up to `end` must have been saved: fail before
+        training, not after the steps that are there (rank 0 reads, every rank raises)."""
+        load_dir = self.cfg.rollout.load_dir
+        if load_dir is None:
+            return
+        wanted = range(self.step + 1, end + 1)
+        missing = self._from_rank0(lambda: [n for n in wanted
+                                            if n not in set(saved_steps(load_dir))])
+        if missing:
+            raise ValueError(f"rollout.load_dir: {load_dir} has no step_{missing[0]}.pt "
+                             f"({len(missing)} of steps {wanted.start}-{end} missing); lower "
+                             "train.steps or point load_dir at a run that saved them")
 
     # ---- the loop ------------------------------------------------------------------------------
 
@@ -237,6 +252,7 @@ class Trainer:
         step in flight finishes, a checkpoint is saved and `run` returns early with
         `stopped_by_signal` set. Returns the metrics of the steps run by this call."""
         end = self.step + steps if steps is not None else self.cfg.train.steps
+        self._check_loadable(end)
         self.stopped_by_signal = False
         history = []
         if threading.current_thread() is threading.main_thread():
@@ -257,6 +273,10 @@ class Trainer:
                     self.save()
             if history and self._saved_at != self.step:  # still under the handlers: a second
                 self.save()                               # signal cannot kill the save
+        if history and all(h.get("actor/skipped", 0.0) for h in history):
+            self._say(f"warning: none of the {len(history)} steps trained (every one skipped: no "
+                      "group whose rewards vary, or a non-finite loss); check the rewards, or "
+                      "raise rollout.n_samples_per_prompt / algorithm.max_gen_batches")
         if self.stopped_by_signal:
             self._say(f"stop signal received: saved step {self.step} to {self.last_checkpoint}; "
                       f"resume with checkpoint.resume=true")
@@ -270,6 +290,7 @@ class Trainer:
         groups dynamic sampling finds informative, until the step is full."""
         self.timer.restart()
         self.sync_weights_if_stale()
+        self.step += 1                                        # the step being run (1-based)
         samples, report = self.sample()                       # generate, reward, shape, filter
         if not samples:                                       # no informative group at all
             return self.skipped_step(report)
@@ -284,11 +305,11 @@ class Trainer:
         """Rank 0 generates, rewards and filters a step's groups (or reads the ones a run saved,
         `rollout.load_dir`), saving them when `rollout.save_dir` is set; every rank receives
         them."""
-        ro, step = self.cfg.rollout, self.step + 1
+        ro, step = self.cfg.rollout, self.step
 
         def draw() -> tuple[list[Sample], dict[str, float]]:
             if ro.load_dir is not None:
-                return load_rollouts(ro.load_dir, step)
+                return self.loaded(step)
             samples, report = self.sampler.sample()
             summary = {"gen_batches": report.gen_batches, "groups_seen": report.groups_seen,
                        "groups_kept": report.groups_kept,
@@ -298,6 +319,25 @@ class Trainer:
             return samples, summary
 
         return self._from_rank0(draw)
+
+    def loaded(self, step: int) -> tuple[list[Sample], dict[str, float]]:
+        """Step `step`'s saved samples, paid under this run's config: the reward functions'
+        scores as saved, shaping and the total recomputed (`reward`'s rule), so what is logged
+        is what trains. Nothing was generated: the rollout throughput is not a number."""
+        samples, report = load_rollouts(self.cfg.rollout.load_dir, step)
+        if samples:
+            k = len(self.cfg.rewards.functions)
+            scores = {n: [s.rewards[n] for s in samples] for n in self.reward_names[:k]
+                      if all(n in s.rewards for s in samples)}
+            missing = [n for n in self.reward_names[:k] if n not in scores]
+            if missing:
+                raise ValueError(f"rollout.load_dir: step_{step}.pt has no score for reward "
+                                 f"function(s) {missing} (it holds {sorted(samples[0].rewards)})")
+            paid = self.shaped(samples, scores)
+            for i, s in enumerate(samples):
+                s.rewards = {n: paid.scores[n][i] for n in self.reward_names}
+                s.reward = paid.total[i]
+        return samples, {**report, "generate_seconds": math.nan}
 
     def evaluate(self) -> dict[str, float]:
         """Held-out pass@k, cons@k and avg@k of the current policy (`eval` section), generated
@@ -326,12 +366,16 @@ class Trainer:
         DAPO's soft overlong punishment is one more column (`OVERLONG_COLUMN`, weight 1), so the
         total and GDPO's per-reward normalisation both see it."""
         batch = self.reward_computer(reward_inputs(samples))
-        scores = {name: [float(x) for x in col] for name, col in batch.scores.items()}
+        return self.shaped(samples, {name: [float(x) for x in col]
+                                     for name, col in batch.scores.items()})
+
+    def shaped(self, samples: list[Sample], scores: dict[str, list[float]]) -> _Rewards:
+        """The reward functions' `scores` plus the shaping columns, and the weighted total."""
         alg = self.cfg.algorithm
         if alg.overlong_penalty:
             lengths = torch.tensor([len(s.response_ids) for s in samples])
             pen = overlong_penalty(lengths, alg.overlong_max_len, alg.overlong_cache_len)
-            scores[OVERLONG_COLUMN] = pen.double().tolist()
+            scores = {**scores, OVERLONG_COLUMN: pen.double().tolist()}
         matrix = torch.tensor([scores[n] for n in self.reward_names], dtype=torch.float64).T
         return _Rewards((matrix @ self.reward_weights).tolist(), scores)
 
@@ -388,7 +432,6 @@ class Trainer:
         with self.timer("actor"):
             results = [self.actor.train_step(part, self.loss_fn(part),
                                              self.cfg.rollout.temperature) for part in updates]
-        self.step += 1
         for result in results:  # a skipped update never touched the weights
             self.check_finite(result)
         return merge_results(results)
@@ -453,7 +496,6 @@ class Trainer:
 
     def skipped_step(self, report: dict[str, float]) -> dict[str, float]:
         """A step whose generation batches held no informative group: nothing to train."""
-        self.step += 1
         return {"actor/skipped": 1.0, "dynamic_sampling/gen_batches": report["gen_batches"],
                 "dynamic_sampling/keep_ratio": 0.0,
                 "throughput/step_seconds": self.timer.seconds()["step"]}

@@ -161,13 +161,13 @@ def test_learning_curve_has_the_panels_an_rl_user_reads(tmp_path: Path) -> None:
     fig = learning_curve_figure(_rl_rows())
     assert _panels(fig) == {
         "train reward": ["mean", "reasoning_gym", "overlong_penalty"],
-        "held-out accuracy": ["eval (held-out)", "train rollouts"],
+        "accuracy": ["held-out eval", "train rollouts"],
         "response length (tokens)": ["mean", "max"],
-        "entropy": ["actor/entropy"],
+        "entropy": ["entropy"],
         "clip fraction": ["low (ratio < 1 - eps)", "high (ratio > 1 + eps_high)"],
-        "routing agreement": ["routing/agreement"],
+        "routing agreement": ["routing agreement"],
     }
-    eval_line = next(ax for ax in fig.axes if ax.get_title() == "held-out accuracy").get_lines()[0]
+    eval_line = next(ax for ax in fig.axes if ax.get_title() == "accuracy").get_lines()[0]
     assert list(eval_line.get_xdata()) == [3, 6]  # only the rows where eval ran
     assert list(eval_line.get_ydata()) == pytest.approx([0.6, 1.2])
     # Written from metrics.jsonl at the end of the run.
@@ -183,7 +183,7 @@ def test_learning_curve_skips_panels_without_data(tmp_path: Path) -> None:
     rows = [{k: v for k, v in r.items() if not k.startswith(("actor/", "reward/overlong"))}
             for r in _rl_rows(routing=False)]
     titles = list(_panels(learning_curve_figure(rows)))
-    assert titles == ["train reward", "held-out accuracy", "response length (tokens)"]
+    assert titles == ["train reward", "accuracy", "response length (tokens)"]
     assert _panels(learning_curve_figure(rows))["train reward"] == ["mean"]  # one column: no split
     path = tmp_path / "curve.png"
     plot_learning_curve(rows, str(path))

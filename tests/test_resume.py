@@ -195,7 +195,7 @@ def nonfinite_worker(out: str) -> dict:
 
     def poisoned_loss(mbs):
         fn = make_loss(mbs)
-        step = trainer.step + 1
+        step = trainer.step  # the step being run
 
         def wrapped(logprobs, mb):
             loss, stats = fn(logprobs, mb)

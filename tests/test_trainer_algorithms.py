@@ -272,12 +272,23 @@ def test_load_dir_trains_bit_identically_without_an_engine(tmp_path):
     assert b["history"][0]["weight_sync/bytes"] == 0.0  # no engine was there to update
     for name, w in a["weights"].items():
         assert torch.equal(w, b["weights"][name]), name
+    # Loaded under another config, the samples are paid by that config (shaping recomputed):
+    # without the overlong punishment the logged reward is the functions' alone.
+    c = run_ranks(rollouts_worker, 1, str(tmp_path / "e"), [f"rollout.load_dir={saved}",
+                  "algorithm.overlong_penalty=false"], timeout_s=600)[0]
+    from megatron_rl.rollout.store import load_rollouts
+
+    for step, m in enumerate(c["history"], start=1):
+        samples, _ = load_rollouts(saved, step)
+        acc = [s.rewards["reasoning_gym"] for s in samples]
+        assert m["reward/mean"] == pytest.approx(sum(acc) / len(acc))
+        assert "reward/overlong_penalty" not in m and a["history"][step - 1]["reward/mean"] < 0
     # A save_dir holding rollouts is never overwritten by a new run.
     with pytest.raises(Exception, match="already holds saved rollouts"):
         run_ranks(rollouts_worker, 1, str(tmp_path / "c"), [f"rollout.save_dir={saved}"],
                   timeout_s=600)
     # A step that was not saved is one clear line naming the file.
-    with pytest.raises(Exception, match="step_3.pt does not exist"):
+    with pytest.raises(Exception, match="has no step_3.pt"):  # at start, before training
         run_ranks(load_three_worker, 1, str(tmp_path / "d"), [f"rollout.load_dir={saved}"],
                   timeout_s=600)
 

@@ -124,6 +124,9 @@ class MetricsLogger:
             if key in values and label not in labels_seen:
                 labels_seen.add(label)
                 parts.append(f"{label} {format_value(values[key])}")
+        if values.get("actor/skipped", 0.0) > 0:  # say why nothing trained
+            parts.append("skipped: no informative group" if "actor/grad_norm" not in values
+                         else "skipped: non-finite loss or gradient")
         return " | ".join(parts)
 
     def _write_jsonl(self, step: int, elapsed: float, values: Mapping[str, float]) -> None:
@@ -200,14 +203,14 @@ def _keep_rows_through(path: str, step: int) -> list[dict[str, Any]]:
 # columns (`reward/<function>`) join the reward panel when there are several.
 PANELS: tuple[tuple[str, tuple[tuple[str, str, dict[str, Any]], ...]], ...] = (
     ("train reward", (("reward/mean", "mean", {"linewidth": 2}),)),
-    ("held-out accuracy", (("eval/accuracy", "eval (held-out)", {"marker": "o"}),
-                           ("accuracy", "train rollouts", {"linestyle": "--", "alpha": 0.6}))),
+    ("accuracy", (("eval/accuracy", "held-out eval", {"marker": "o"}),
+                  ("accuracy", "train rollouts", {"linestyle": "--", "alpha": 0.6}))),
     ("response length (tokens)", (("response_length/mean", "mean", {}),
                                   ("response_length/max", "max", {"alpha": 0.6}))),
-    ("entropy", (("actor/entropy", "actor/entropy", {}),)),
+    ("entropy", (("actor/entropy", "entropy", {}),)),
     ("clip fraction", (("actor/clip_frac_low", "low (ratio < 1 - eps)", {}),
                        ("actor/clip_frac_high", "high (ratio > 1 + eps_high)", {}))),
-    ("routing agreement", (("routing/agreement", "routing/agreement", {}),)),
+    ("routing agreement", (("routing/agreement", "routing agreement", {}),)),
 )
 _REWARD_SUMMARIES = {"reward/mean", "reward/std"}
 
@@ -266,8 +269,8 @@ def learning_curve_figure(rows: Sequence[Mapping[str, Any]]) -> Any:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.ticklabel_format(axis="y", useOffset=False)
         ax.grid(alpha=0.3)
-        if len(lines) > 1:
-            ax.legend(loc="best", fontsize="small")
+        if len(lines) > 1 or lines[0][1] != title:  # say what a lone curve is, when not
+            ax.legend(loc="best", fontsize="small")  # the panel's own title
     fig.tight_layout()
     return fig
 
