@@ -36,8 +36,11 @@ def test_train_command_runs_the_demo_flow_and_resumes(tmp_path: Path) -> None:
     assert "held-out accuracy before RL:" in out
     assert "accuracy " in out and " points); curves:" in out  # the before/after summary
     run = tmp_path / "run"
-    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2]
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    # Steps 1 and 2, and the held-out evals before (step 0) and after (step 2) as rows of their
+    # own, so the learning curve's accuracy panel shows them.
+    assert [r["step"] for r in rows] == [0, 1, 2, 2]
+    assert [r["step"] for r in rows if "eval/accuracy" in r] == [0, 2]
     assert (run / "learning_curve.png").stat().st_size > 0
     assert any((tmp_path / "tb").rglob("events.out.tfevents.*"))
     before = json.loads((run / "eval" / "before.json").read_text())
@@ -53,8 +56,9 @@ def test_train_command_runs_the_demo_flow_and_resumes(tmp_path: Path) -> None:
     assert f"resumed from {tmp_path / 'ck' / 'step_2'} at step 2" in again.stdout
     assert "held-out accuracy before RL" not in again.stdout
     assert f"{before['eval/accuracy']:9.3f}" in again.stdout
-    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4]
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2, 2, 3, 4, 4]
+    assert [r["step"] for r in rows if "eval/accuracy" in r] == [0, 2, 4]
 
 
 def test_config_errors_are_one_line(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from megatron_rl.cli.args import add_config_args
-from megatron_rl.metrics.logger import format_duration
+from megatron_rl.metrics.logger import format_duration, record_eval
 
 if TYPE_CHECKING:
     from megatron_rl.config import RunConfig
@@ -55,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
             return 0
         after = trainer.evaluate() if before is not None else None
         if trainer.rank == 0 and before is not None and after is not None:
+            record_eval(cfg.logging, cfg.train.output_dir, trainer.step, after)
             print(summary(cfg, before, after), flush=True)
         if trainer.rank == 0:
             print(f"megatron-rl train: done in {format_duration(time.monotonic() - start)}",
@@ -89,6 +90,7 @@ def eval_before(trainer: Trainer) -> dict[str, float]:
     if trainer.rank == 0:
         file.parent.mkdir(parents=True, exist_ok=True)
         file.write_text(json.dumps(metrics, indent=1) + "\n")
+        record_eval(trainer.cfg.logging, trainer.cfg.train.output_dir, trainer.step, metrics)
         print(f"held-out accuracy before RL: {metrics['eval/accuracy']:.1%} "
               f"(pass@1 over {trainer.cfg.eval.n_samples} samples per problem)", flush=True)
     return metrics

@@ -160,6 +160,27 @@ class MetricsLogger:
         self.close()
 
 
+def record_eval(cfg: LoggingConfig, run_dir: str, step: int,
+                metrics: Mapping[str, float]) -> None:
+    """Held-out eval metrics measured outside the step loop (`train`'s evals before and after
+    RL) as their own row of `metrics.jsonl` at `step` and as tensorboard scalars, then the
+    learning curve redrawn (when `cfg.plot`), so its accuracy panel shows them."""
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, METRICS_FILE)
+    row = {"step": step, **{k: float(v) if math.isfinite(v) else None
+                            for k, v in metrics.items()}}
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+    if cfg.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(log_dir=cfg.log_dir) as writer:
+            for key, value in metrics.items():
+                writer.add_scalar(key, float(value), step)
+    if cfg.plot:
+        plot_learning_curve(read_metrics(path), os.path.join(run_dir, CURVE_FILE))
+
+
 def read_metrics(path: str) -> list[dict[str, Any]]:
     """The rows of a `metrics.jsonl` (one dict per step; nulls where a value was not finite).
     Unreadable lines (a crash mid-write) are skipped; a missing file has none."""
