@@ -21,6 +21,7 @@ import dataclasses
 import datetime
 import json
 import math
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -60,8 +61,6 @@ from megatron_rl.rollout.store import load_rollouts, save_rollouts, saved_steps
 from megatron_rl.rollout.types import Sample
 from megatron_rl.rollout.weight_sync import sync_weights
 
-RANK0_WORK_TIMEOUT_S = 3600.0
-"""How long other ranks wait for rank 0's generation or evaluation before giving up."""
 MAX_NONFINITE_STEPS = 3
 """Consecutive steps with a non-finite loss or grad norm after which the run stops."""
 
@@ -69,6 +68,10 @@ MAX_NONFINITE_STEPS = 3
 OVERLONG_COLUMN = "overlong_penalty"
 """Reward column of DAPO's soft overlong punishment (weight 1) when `algorithm.overlong_penalty`."""
 _NO_SYNC = {"seconds": 0.0, "bytes": 0.0}
+
+
+class RankTimeoutError(RuntimeError):
+    """A rank did not reach a synchronisation point in time (stalled or dead)."""
 
 
 class NonFiniteError(RuntimeError):
@@ -146,8 +149,8 @@ class Trainer:
         self.rank = dist.get_rank()
         self.actor = Actor(cfg.model, cfg.parallel, cfg.actor,
                            total_steps=cfg.train.steps * cfg.algorithm.mini_batches)
-        self._rank0_group = dist.new_group(  # host-side broadcasts that wait for rank 0's work
-            backend="gloo", timeout=datetime.timedelta(seconds=RANK0_WORK_TIMEOUT_S))
+        self._rank0_group = dist.new_group(  # waits for rank 0's host work (gloo: monitored)
+            backend="gloo", timeout=datetime.timedelta(seconds=cfg.parallel.rank0_work_timeout_s))
         self.step = 0
         self.nonfinite_streak = 0
         self.stopped_by_signal = False
@@ -318,7 +321,7 @@ class Trainer:
                 save_rollouts(ro.save_dir, step, samples, summary)
             return samples, summary
 
-        return self._from_rank0(draw)
+        return self._from_rank0(draw, f"step {step}: generation and rewards")
 
     def loaded(self, step: int) -> tuple[list[Sample], dict[str, float]]:
         """Step `step`'s saved samples, paid under this run's config: the reward functions'
@@ -351,15 +354,52 @@ class Trainer:
             result.write(Path(self.cfg.train.output_dir) / "eval" / f"step_{self.step}.jsonl")
             return result.metrics
 
-        return self._from_rank0(run)
+        return self._from_rank0(run, f"step {self.step}: evaluation")
 
-    def _from_rank0(self, fn: Any) -> Any:
+    def _from_rank0(self, fn: Any, what: str = "rank 0's work") -> Any:
         """`fn()` computed on rank 0 (rollout, rewards, eval: minutes, not a collective's
-        seconds), then broadcast. The other ranks wait in a barrier with a long timeout so a
-        slow generation is not mistaken for a dead rank."""
-        box: list[Any] = [fn() if self.rank == 0 else None]
-        dist.broadcast_object_list(box, src=0, group=self._rank0_group)
-        return box[0]
+        seconds), then handed to every rank; an error `fn` raises is raised on every rank, so
+        the whole job stops with the same message.
+
+        Waiting is bounded twice: the other ranks wait for rank 0 up to
+        `parallel.rank0_work_timeout_s` (a slow generation is not a dead rank), and rank 0,
+        once done, gives each of them `parallel.timeout_s` to answer a monitored barrier, which
+        names the ranks that did not (stalled or dead) instead of blocking in a broadcast."""
+        result: tuple[str, Any] = ("ok", None)
+        if self.rank == 0:
+            try:
+                result = ("ok", fn())
+            except Exception as err:  # noqa: BLE001 - handed to every rank, raised there
+                result = ("error", err)
+        self._all_ranks_here(what)
+        box: list[Any] = [result]
+        dist.broadcast_object_list(box, src=0)  # everyone is here: the default group's timeout
+        kind, value = box[0]
+        if kind == "error":
+            raise value
+        return value
+
+    def _all_ranks_here(self, what: str) -> None:
+        """Every rank reaches this point: rank 0 within `parallel.timeout_s` of finishing its
+        work, the others within `parallel.rank0_work_timeout_s` of starting to wait."""
+        if dist.get_world_size() == 1:
+            return
+        par = self.cfg.parallel
+        timeout = par.timeout_s if self.rank == 0 else par.rank0_work_timeout_s
+        try:
+            dist.monitored_barrier(group=self._rank0_group, wait_all_ranks=True,
+                                   timeout=datetime.timedelta(seconds=timeout))
+        except RuntimeError as err:
+            if self.rank == 0:
+                found = re.search(r"Ranks? ([\d, ]+) failed", str(err))
+                ranks = found.group(1).replace(" ", "").strip(",").split(",") if found else []
+                raise RankTimeoutError(
+                    f"{what}: rank(s) {', '.join(ranks) or '?'} did not answer within "
+                    f"parallel.timeout_s={par.timeout_s:g} s (stalled or dead); stopping the "
+                    "job") from None
+            raise RankTimeoutError(
+                f"{what}: rank {self.rank}: rank 0 stopped (see its message) or did not finish "
+                f"within parallel.rank0_work_timeout_s={par.rank0_work_timeout_s:g} s") from None
 
     def reward(self, samples: list[Sample]) -> _Rewards:
         """Score `samples` with every reward function; then shaping, the one place it applies:

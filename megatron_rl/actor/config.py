@@ -224,7 +224,12 @@ class ParallelConfig:
     """Layers on the last pipeline stage when num_layers does not split evenly (Megatron's
     num_layers_in_last_pipeline_stage; DeepSeek-V3's 61 = 3*16 + 13); None = an even split."""
     timeout_s: float = 120.0
-    """Timeout of every collective and process group, in seconds."""
+    """Timeout of every collective and process group, in seconds: a stalled or dead rank ends
+    the job within it."""
+    rank0_work_timeout_s: float = 3600.0
+    """How long the other ranks wait for rank 0's host work (generation, rewards, evaluation:
+    minutes, not a collective's seconds) before giving up; rank 0 itself still finds a stalled
+    rank within `timeout_s`."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """torch.distributed backend; auto = nccl with CUDA, gloo without."""
 
@@ -234,7 +239,7 @@ class ParallelConfig:
             value = getattr(self, name)
             require(value is None or value >= 1, name, f"must be >= 1, got {value}",
                     "use 1 to disable this kind of parallelism")
-        require_positive(self, "timeout_s")
+        require_positive(self, "timeout_s", "rank0_work_timeout_s")
         require(self.pp_last_stage_layers is None or (self.pp > 1 and self.virtual_pp is None),
                 "pp_last_stage_layers", "an uneven last stage needs pp > 1 and no virtual_pp",
                 "set parallel.pp > 1 and parallel.virtual_pp=null, or pp_last_stage_layers=null")
