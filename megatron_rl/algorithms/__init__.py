@@ -2,51 +2,57 @@
 
 Imports nothing of ours but `algorithms.config` and no process group: where a global value is
 needed (the loss denominator) it is an argument, so the actor can pass the all-reduced value.
+
+Names are imported on first use (PEP 562), so importing `megatron_rl.algorithms.config` (which
+runs this file first) does not import torch: the run config loads, and a bad value is rejected,
+before torch is imported.
 """
 
-from megatron_rl.algorithms.advantages import (
-    ADVANTAGES,
-    GroupAdvantages,
-    compute_advantages,
-    dr_grpo,
-    gdpo,
-    grpo,
-    reinforce_pp_baseline,
-    rloo,
-)
-from megatron_rl.algorithms.aggregation import (
-    AGGREGATIONS,
-    Aggregation,
-    aggregate,
-    denominator,
-    token_weights,
-)
-from megatron_rl.algorithms.config import AlgorithmConfig
-from megatron_rl.algorithms.dynamic_sampling import (
-    DynamicSamplingBuffer,
-    DynamicSamplingReport,
-    informative_mask,
-)
-from megatron_rl.algorithms.kl import KL_ESTIMATORS, KL_GAP_KNOT, k1, k2, k3, kl_penalty
-from megatron_rl.algorithms.overlong import overlong_filter, overlong_penalty
-from megatron_rl.algorithms.pass_at_k import avg_at_k, cons_at_k, pass_at_k
-from megatron_rl.algorithms.policy_loss import (
-    LOG_RATIO_CLAMP,
-    PolicyLoss,
-    TokenLosses,
-    make_loss_fn,
-    policy_loss,
-    reduce_stats,
-    summarize_stats,
-    token_losses,
-)
+from __future__ import annotations
 
-__all__ = [
-    "ADVANTAGES", "AGGREGATIONS", "KL_ESTIMATORS", "KL_GAP_KNOT", "LOG_RATIO_CLAMP",
-    "Aggregation", "AlgorithmConfig", "DynamicSamplingBuffer", "DynamicSamplingReport",
-    "GroupAdvantages", "PolicyLoss", "TokenLosses",
-    "aggregate", "avg_at_k", "compute_advantages", "cons_at_k", "denominator", "dr_grpo", "gdpo",
-    "grpo", "informative_mask", "k1", "k2", "k3", "kl_penalty", "make_loss_fn", "overlong_filter",
-    "overlong_penalty", "pass_at_k", "policy_loss", "reduce_stats", "reinforce_pp_baseline",
-    "rloo", "summarize_stats", "token_losses", "token_weights",
-]
+import importlib
+import sys
+import types
+from typing import Any
+
+_EXPORTS = {
+    **dict.fromkeys(["ADVANTAGES", "GroupAdvantages", "compute_advantages", "dr_grpo", "gdpo",
+                     "grpo", "reinforce_pp_baseline", "rloo"], "advantages"),
+    **dict.fromkeys(["AGGREGATIONS", "Aggregation", "aggregate", "denominator",
+                     "token_weights"], "aggregation"),
+    "AlgorithmConfig": "config",
+    **dict.fromkeys(["DynamicSamplingBuffer", "DynamicSamplingReport", "informative_mask"],
+                    "dynamic_sampling"),
+    **dict.fromkeys(["KL_ESTIMATORS", "KL_GAP_KNOT", "k1", "k2", "k3", "kl_penalty"], "kl"),
+    **dict.fromkeys(["overlong_filter", "overlong_penalty"], "overlong"),
+    **dict.fromkeys(["avg_at_k", "cons_at_k", "pass_at_k"], "pass_at_k"),
+    **dict.fromkeys(["LOG_RATIO_CLAMP", "PolicyLoss", "TokenLosses", "make_loss_fn",
+                     "policy_loss", "reduce_stats", "summarize_stats", "token_losses"],
+                    "policy_loss"),
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'megatron_rl.algorithms' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"megatron_rl.algorithms.{_EXPORTS[name]}"), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+class _Package(types.ModuleType):
+    """Keeps `pass_at_k` and `policy_loss` the functions: importing a submodule binds it on its
+    package under its own name, and these two share their function's name (as when this file
+    imported them eagerly, the function wins)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -11,7 +11,8 @@ Every subcommand is one row of `SUBCOMMANDS`: its one-line help, its handler and
 tracks it. A handler is `None` (not built yet: the command says so on stderr and exits 2), a
 callable `handler(args: argparse.Namespace) -> int`, or a lazy import path `"module:function"`
 naming such a callable. The exit status is the handler's return value; 2 means a usage error or
-a command not built yet.
+a command not built yet. An error a user can cause, raised anywhere in the command (training
+included), prints one line and exits 1; `--debug` shows its traceback (`megatron_rl.cli.errors`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from megatron_rl import __version__
 from megatron_rl.cli import convert, plan, profile, serve, submit, train
 from megatron_rl.cli import eval as eval_
 from megatron_rl.cli.args import DEFAULT_CONFIG, PROG
+from megatron_rl.cli.errors import add_debug, debug, is_user_error, report
 
 __all__ = ["DEFAULT_CONFIG", "PROG", "SUBCOMMANDS", "Subcommand", "build_parser", "main"]
 
@@ -72,10 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="RL post-training for Mixture-of-Experts LMs on Megatron-Core.",
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    add_debug(parser, top_level=True)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     for name, sub in SUBCOMMANDS.items():
         child = subparsers.add_parser(name, help=sub.help, description=sub.help)
         sub.add_arguments(child)
+        add_debug(child)
     return parser
 
 
@@ -102,5 +106,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    return int(_resolve(sub.handler)(args) or 0)
+    handler = _resolve(sub.handler)
+    try:
+        return int(handler(args) or 0)
+    except Exception as err:
+        if debug(args) or not is_user_error(err):
+            raise
+        return report(args.command, err)
 

@@ -9,7 +9,6 @@ The conversion itself is `megatron_rl.convert.checkpoints`.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from megatron_rl.cli.args import add_overrides
 
@@ -32,11 +31,8 @@ def run(args: argparse.Namespace) -> int:
     from megatron_rl.convert.checkpoints import hf_to_mcore, log_rank0, mcore_to_hf
 
     convert = hf_to_mcore if args.direction == "hf-to-mcore" else mcore_to_hf
-    try:
+    try:  # an error a user can cause: one line, exit 1 (megatron_rl.cli.errors)
         out = convert(args.src, args.dst, args.overrides)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"megatron-rl convert: {err}", file=sys.stderr)
-        return 1
     finally:
         destroy_distributed()
     log_rank0(f"wrote {out}")

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 
 from megatron_rl.cli.args import add_config_args
+from megatron_rl.cli.errors import debug
 from megatron_rl.configurable import ConfigError, apply_overrides, from_dict
 from megatron_rl.launch.plan import Hardware, make_plan, render
 
@@ -83,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
             hw = Hardware(**{**hw.__dict__, "gpus_per_node": per_node})
         plan = make_plan(cfg, hw)
     except ConfigError as err:
+        if debug(args):
+            raise
         print(f"megatron-rl plan: {err}", file=sys.stderr)
         return 2
     print(render(plan, cfg, args.config))

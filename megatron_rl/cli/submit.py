@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from megatron_rl.cli.args import add_config_args
+from megatron_rl.cli.errors import debug
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,13 +32,10 @@ def run(args: argparse.Namespace) -> int:
     user errors print one line and exit 1."""
     from megatron_rl.launch import slurm  # the run config imports torch: keeps --help light
 
-    try:
-        workdir = slurm.job_workdir(args.config, args.overrides, Path.cwd())
-        convert = tuple(args.convert) if args.convert else None
-        job = slurm.build(args.config, args.overrides, workdir, convert=convert)
-    except (ValueError, OSError) as err:  # ConfigError is a ValueError
-        print(f"megatron-rl submit: {err}", file=sys.stderr)
-        return 1
+    # a bad config or file (ValueError, OSError): one line, exit 1 (megatron_rl.cli.errors)
+    workdir = slurm.job_workdir(args.config, args.overrides, Path.cwd())
+    convert = tuple(args.convert) if args.convert else None
+    job = slurm.build(args.config, args.overrides, workdir, convert=convert)
     if args.dry_run:
         print(job.script, end="")
         print(f"megatron-rl submit: dry run; to submit it by hand: mkdir -p "
@@ -47,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         job_id = slurm.sbatch(job.script, job.script_path)
     except (RuntimeError, OSError, subprocess.TimeoutExpired) as err:
+        if debug(args):
+            raise
         print(f"megatron-rl submit: {err}", file=sys.stderr)
         return 1
     print(job_id)

@@ -9,7 +9,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,24 +30,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run `megatron-rl train`; user errors print one line and exit 1. Exit 0 also when a stop
-    signal ended the run (it saved a checkpoint)."""
-    # torch and Megatron-Core: imported on run so that `megatron-rl --help` stays light
-    from megatron_rl.actor.parallel import destroy_distributed
-    from megatron_rl.config import ConfigError, load_config
-    from megatron_rl.rollout.engine import EngineError
-    from megatron_rl.trainer import Trainer
+    """Run `megatron-rl train`. The config is loaded and checked before torch and Megatron-Core
+    are imported, so a bad value is refused in about a second; an error a user can cause, then
+    or during training, is one line and exit 1 (`megatron_rl.cli.errors`). Exit 0 also when a
+    stop signal ended the run (it saved a checkpoint)."""
+    from megatron_rl.config import load_config  # no torch
 
     start = time.monotonic()
     overrides = list(args.overrides) + (["checkpoint.resume=true"] if args.resume else [])
+    cfg = load_config(args.config, overrides)
+    # torch and Megatron-Core: imported once the config holds, so that `megatron-rl --help` and
+    # a bad config stay light
+    from megatron_rl.actor.parallel import destroy_distributed
+    from megatron_rl.trainer import Trainer
+
     try:
-        cfg = load_config(args.config, overrides)
         cfg = with_base_model(cfg)
         trainer = Trainer(cfg)
-    except (ConfigError, ValueError, OSError, EngineError) as err:
-        print(f"megatron-rl train: {err}", file=sys.stderr)
-        return 1
-    try:
         before = eval_before(trainer) if cfg.eval.size != 0 else None
         trainer.run()
         if trainer.stopped_by_signal:

@@ -10,6 +10,7 @@ What the trainer and rollout call:
 """
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from megatron_rl.data.config import DataConfig
@@ -23,7 +24,8 @@ from megatron_rl.data.tokenizer import load_tokenizer, tokenizer_texts, train_to
 __all__ = [
     "DataConfig", "DataError", "Message", "Prompt", "PromptDataset", "PromptRecord",
     "PromptSampler", "R1_ZERO_TEMPLATE", "TEMPLATES", "apply_template", "build_dataset",
-    "build_tokenizer", "get_dotted", "load_records", "load_tokenizer", "train_tokenizer",
+    "build_tokenizer", "get_dotted", "load_records", "load_tokenizer", "tokenizer_dir",
+    "train_tokenizer",
 ]
 
 
@@ -72,8 +74,15 @@ def build_dataset(cfg: DataConfig, split: Literal["train", "eval"] = "train") ->
 
 def build_tokenizer(cfg: DataConfig, vocab_size: int, train: PromptDataset | None = None) -> Any:
     """`cfg.tokenizer` if set, else the demo tokenizer trained on the train prompts (cached)."""
+    return load_tokenizer(tokenizer_dir(cfg, vocab_size, train))
+
+
+def tokenizer_dir(cfg: DataConfig, vocab_size: int, train: PromptDataset | None = None
+                  ) -> str | Path:
+    """The directory `build_tokenizer` loads: `cfg.tokenizer`, else the demo tokenizer trained
+    on the train prompts (in `cfg.tokenizer_cache`, trained on first use)."""
     if cfg.tokenizer:
-        return load_tokenizer(cfg.tokenizer)
+        return cfg.tokenizer
     train = train if train is not None else build_dataset(cfg, "train")
     texts = tokenizer_texts(train.records, cfg.chat_template)
-    return load_tokenizer(train_tokenizer(texts, vocab_size, cfg.tokenizer_cache))
+    return train_tokenizer(texts, vocab_size, cfg.tokenizer_cache)

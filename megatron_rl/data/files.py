@@ -110,7 +110,8 @@ def load_records(path: str | Path, fmt: str, keys: RowKeys, skip_malformed: bool
     """Read up to `limit` valid records from a jsonl or parquet file.
 
     `fmt` is "jsonl" or "parquet". A missing file or a malformed row raises `DataError`
-    (unless `skip_malformed`, which skips the row, counts it and logs the first few).
+    (unless `skip_malformed`, which skips the row, counts it and logs the first few), and so
+    does a file with no rows or none usable (`limit=0` reads nothing and is not refused).
     """
     path = Path(path)
     if not path.is_file():
@@ -133,6 +134,13 @@ def load_records(path: str | Path, fmt: str, keys: RowKeys, skip_malformed: bool
             out.skipped += 1
             if out.skipped <= 5:
                 log.warning("skipping malformed row %s: %s", where, e)
+    if not out.records and limit != 0:
+        if out.skipped:
+            raise DataError(f"{path}: no usable rows: all {out.skipped} rows are malformed "
+                            "(skipped by data.skip_malformed=true)")
+        blank = " (empty, or only blank lines)" if fmt == "jsonl" else ""
+        raise DataError(f"{path}: the prompt file has no rows{blank}; set data.path / "
+                        "data.eval_path to a file with prompts")
     if out.skipped:
         log.warning("%s: skipped %d malformed rows, kept %d", path, out.skipped, len(out.records))
     return out

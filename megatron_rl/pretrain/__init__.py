@@ -24,9 +24,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from megatron_rl.configurable import to_dict
 from megatron_rl.convert import arch_of
@@ -34,6 +32,9 @@ from megatron_rl.data import apply_template, build_dataset, build_tokenizer
 from megatron_rl.data.worked import solution
 from megatron_rl.metrics.logger import format_duration
 from megatron_rl.pretrain.config import PretrainConfig
+
+if TYPE_CHECKING:  # torch is imported where it is used: the run config imports pretrain.config
+    import torch
 
 __all__ = ["PretrainConfig", "base_model_dir", "ensure_base_model", "pretrain"]
 
@@ -77,7 +78,9 @@ def pretrain(model_cfg: Any, pre: PretrainConfig, records: Sequence[Any], tokeni
     """A fresh HF model of `model_cfg` trained `pre.steps` steps on worked solutions of
     `records` (guesses mixed in for the last `pre.mixed_steps`); returns it and the loss per
     step."""
-    # transformers: heavy, and loading a config (which imports this package) does not need it
+    # torch and transformers: heavy, and loading a config (which imports this package) does
+    # not need them
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(pre.seed)
@@ -127,6 +130,8 @@ def _batch(examples: list[tuple[list[int], list[int]]], pad_id: int
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ids, labels (-100 on prompt and padding: only responses are learned) and
     attention mask."""
+    import torch  # as in pretrain()
+
     n = max(len(p) + len(r) for p, r in examples)
     ids = torch.full((len(examples), n), pad_id)
     labels = torch.full((len(examples), n), -100)

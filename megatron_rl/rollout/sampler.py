@@ -15,6 +15,7 @@ engine never hangs the step. When every engine has failed, `EngineError` names t
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -29,6 +30,8 @@ from megatron_rl.algorithms.dynamic_sampling import DynamicSamplingBuffer, infor
 from megatron_rl.rewards.pool import RewardInput
 from megatron_rl.rollout.engine import EngineError, RolloutEngine
 from megatron_rl.rollout.types import GenerateOutput, Sample, SamplingParams
+
+logger = logging.getLogger(__name__)
 
 PromptSource = Callable[[int], Sequence[Any]] | Iterable[Any]
 """`fn(n) -> n prompts`, or an iterator of prompts; a prompt is a record with `.prompt` (and
@@ -60,6 +63,8 @@ class SamplerReport:
     reward_seconds: float = 0.0
     engine_failures: list[str] = field(default_factory=list)
     """One line per failed engine call: "<address>: <error>"."""
+    nonfinite_rewards: int = 0
+    """Samples whose reward (total or a column) was NaN or inf: each scored 0."""
 
 
 class GroupSampler:
@@ -239,16 +244,35 @@ class GroupSampler:
                       routed_experts=out.routed_experts)
 
     def _score(self, samples: list[Sample], report: SamplerReport) -> None:
-        """Set `reward` (and per-function `rewards`) on each sample."""
+        """Set `reward` (and per-function `rewards`) on each sample. A reward that is not a
+        finite number (NaN or inf: a reward function's bug) never reaches dynamic sampling or
+        the trainer: it scores 0 (the column that is not finite, and the total when it is not),
+        the sample is counted in `report.nonfinite_rewards`, a warning names the reward, and
+        the step goes on. The other columns keep their scores (the trainer's advantages and
+        filter read the columns, so a shaping penalty still counts)."""
         t0 = time.perf_counter()
         result = self.reward_fn(samples)
         totals = list(getattr(result, "total", result))
         if len(totals) != len(samples):
             raise ValueError(f"reward_fn returned {len(totals)} rewards for {len(samples)} samples")
         scores = getattr(result, "scores", None) or {}
+        culprits: dict[str, int] = {}
         for i, s in enumerate(samples):
             s.reward = float(totals[i])
             s.rewards = {name: float(col[i]) for name, col in scores.items()}
+            bad = [name for name, v in s.rewards.items() if not math.isfinite(v)]
+            if bad or not math.isfinite(s.reward):
+                for name in bad:
+                    s.rewards[name] = 0.0
+                for name in bad or ["reward_fn"]:
+                    culprits[name] = culprits.get(name, 0) + 1
+                if not math.isfinite(s.reward):
+                    s.reward = 0.0
+                report.nonfinite_rewards += 1
+        if culprits:
+            logger.warning("reward not a finite number (NaN or inf), scored 0: %s of %d samples",
+                           ", ".join(f"{n!r} for {c}" for n, c in culprits.items()),
+                           len(samples))
         report.reward_seconds += time.perf_counter() - t0
 
 

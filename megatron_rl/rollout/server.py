@@ -15,6 +15,7 @@ the portable encoding (`load_format="megatron_rl.torch_save"`), `temperature: 0`
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import signal
@@ -247,13 +248,29 @@ def make_handler(service: EngineService) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+def listen(host: str = "127.0.0.1", port: int = 30000) -> ThreadingHTTPServer:
+    """Bind `host:port` (0: any free port) for `serve(..., server=)`, so that a port in use
+    fails before a model is loaded; an `OSError` naming the address when it cannot."""
+    try:
+        httpd = ThreadingHTTPServer((host, port), BaseHTTPRequestHandler)  # handler: serve()
+    except OSError as e:
+        why = ("the port is in use (choose another --port, or --port 0 for any free port)"
+               if e.errno == errno.EADDRINUSE else e.strerror or str(e))
+        raise OSError(f"cannot listen on {host}:{port}: {why}") from e
+    httpd.daemon_threads = True
+    return httpd
+
+
 def serve(engine: RolloutEngine, host: str = "127.0.0.1", port: int = 30000,
           model_path: str | None = None, tokenizer_path: str | None = None,
-          ready: Callable[[str], None] | None = None) -> None:
-    """Serve `engine` until SIGTERM/SIGINT (port 0: any free port; `ready(url)` once bound)."""
+          ready: Callable[[str], None] | None = None,
+          server: ThreadingHTTPServer | None = None) -> None:
+    """Serve `engine` until SIGTERM/SIGINT (port 0: any free port; `ready(url)` once bound) on
+    `server` (from `listen`) or on a new one bound to `host:port`."""
     service = EngineService(engine, model_path, tokenizer_path)
-    httpd = ThreadingHTTPServer((host, port), make_handler(service))
-    httpd.daemon_threads = True
+    httpd = server if server is not None else listen(host, port)
+    httpd.RequestHandlerClass = make_handler(service)
+    host = httpd.server_address[0]
     url = f"http://{host}:{httpd.server_address[1]}"
 
     def stop(signum: int, frame: Any) -> None:
