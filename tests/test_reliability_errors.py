@@ -288,12 +288,13 @@ def test_config_loads_without_torch() -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def test_bad_config_value_is_refused_before_torch() -> None:
-    """`train --set algorithm.eps_low=2` is refused from the config alone (about a second, it
-    used to import torch and Megatron-Core first)."""
-    code = ("import sys; from megatron_rl.cli import main; rc = main(['train', "
+@pytest.mark.parametrize("argv", [["train"], ["eval", "--hf", "/tmp"]], ids=["train", "eval"])
+def test_bad_config_value_is_refused_before_torch(argv: list[str]) -> None:
+    """`train --set algorithm.eps_low=2` (and `eval --hf`) is refused from the config alone
+    (about a second; it used to import torch and Megatron-Core first)."""
+    code = (f"import sys; from megatron_rl.cli import main; rc = main({argv!r} + ["
             "'configs/tiny_moe_cpu.yaml', '--set', 'algorithm.eps_low=2']); "
             "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(),
                           capture_output=True, text=True, timeout=120)
-    _one_line(proc, "train", "algorithm.eps_low")
+    _one_line(proc, argv[0], "algorithm.eps_low")

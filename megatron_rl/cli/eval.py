@@ -31,6 +31,10 @@ def run(args: argparse.Namespace) -> int:
         print("megatron-rl eval: give the model to evaluate: --checkpoint DIR or --hf DIR",
               file=sys.stderr)
         return 2
+    if args.hf:  # no torch yet: a bad config value is refused in about a second
+        from megatron_rl.config import load_config
+
+        load_config(args.config, args.overrides)  # (a checkpoint's model comes from it)
     # torch and transformers: imported on run so that `megatron-rl --help` stays light
     from megatron_rl.evaluate import METRICS_FILE, RESULTS_FILE, run_eval
     from megatron_rl.evaluate.engines import checkpoint_engine, hf_engine, teardown
