@@ -10,9 +10,9 @@ TP/PP/EP/DP layout loads under another.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -62,20 +62,28 @@ def save_sharded(
 
 
 def shield_writer_from_stop_signals() -> None:
-    """Start Megatron's checkpoint-writer helper process now, with SIGTERM and SIGUSR1 ignored.
+    """Start Megatron's checkpoint-writer helper process now, as a helper of this process: it
+    ignores SIGTERM, SIGINT and SIGUSR1 and dies with its parent.
 
-    Its first save starts a multiprocessing manager process. A signal sent to every process of a
-    job (Slurm's preemption SIGTERM, `scontrol requeue`, `--signal` without `B:`) would kill that
-    helper too, and the save the trainer makes on that very signal would fail (BrokenPipeError).
-    A process started while a signal is ignored keeps ignoring it. Main thread only; idempotent.
+    Megatron's first save starts a multiprocessing manager process (`_get_write_results_queue`).
+    A signal sent to every process of a job (Slurm's preemption SIGTERM, `scontrol requeue`,
+    `--signal` without `B:`) would kill that helper with the default action, and the save the
+    trainer makes on that very signal would fail (BrokenPipeError); a helper that merely ignored
+    the signals would outlive a `kill -9`'d trainer forever. So the manager is started here with
+    `rewards.pool.become_helper` as its initializer (signals ignored, parent-death SIGKILL) under
+    `stop_signals_blocked`, and its queue is the one Megatron uses. Main thread only (the
+    parent-death signal follows the starting thread); idempotent.
     """
-    stops = (signal.SIGTERM, signal.SIGUSR1)
-    saved = {s: signal.signal(s, signal.SIG_IGN) for s in stops}
-    try:
-        filesystem_async._get_write_results_queue()
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
+    from multiprocessing.managers import SyncManager
+
+    from megatron_rl.rewards.pool import become_helper, stop_signals_blocked
+
+    if filesystem_async._results_queue is not None:
+        return
+    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+    with stop_signals_blocked():
+        manager.start(become_helper, (os.getpid(),))
+    filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager alive
 
 
 def resolve(path: str | os.PathLike) -> Path:

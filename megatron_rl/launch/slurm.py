@@ -11,19 +11,19 @@ finds no checkpoint and starts fresh, a restart continues from the newest comple
 
 Signals, verified on Slurm 22.05 with torch 2.13's torchrun (tests/test_slurm_real.py):
 - Slurm delivers a step signal (`--signal=USR1@N` without `B:`, `scancel --signal`) to every
-  process of the step. That would kill helpers with the default SIGUSR1 action: Megatron's
-  checkpoint writer talks through a spawned `multiprocessing.Manager` (the next save then fails
-  with BrokenPipeError), reward workers, and torchrun itself (which, told to handle SIGUSR1,
-  SIGKILLs the ranks after its shutdown timeout). So the job asks for `--signal=B:USR1@N`: only
+  process of the step. The trainer's helpers ignore it (reward workers, the spawned
+  `multiprocessing.Manager` Megatron's checkpoint writer talks through: `rewards.pool.
+  become_helper`), but torchrun does not: it dies of SIGUSR1 (or, told to handle it, SIGKILLs
+  the ranks after its shutdown timeout). So the job asks for `--signal=B:USR1@N`: only
   the batch shell gets it, and its `forward_stop` trap sends SIGUSR1 to the trainer ranks alone
   (the children of each node's torchrun, whose PID the node wrapper records), through
   `srun --overlap`. `run_state.StopSignals` finishes the step, saves and exits 0; torchrun (which
   ignores SIGUSR1) sees its ranks exit 0; the script finds `latest` short of `train.steps` and
   requeues the job. To stop a job the same way by hand: `scancel --batch --signal=USR1 JOBID`.
 - `scontrol requeue`, preemption and the time limit send SIGTERM to every process of the job:
-  the ranks try to save, but the writer's Manager dies of the same SIGTERM, so that save fails
-  (until the Manager is started with SIGTERM ignored); Slurm requeues the job and it resumes
-  from the newest complete checkpoint (every `checkpoint.save_interval` steps).
+  torchrun forwards it to the ranks, which finish the step and save (their helpers ignore it)
+  within torchrun's `--shutdown-timeout`; Slurm requeues the job and it resumes from that
+  checkpoint (or the newest complete one).
 """
 
 from __future__ import annotations

@@ -5,16 +5,29 @@ Each (sample, function) call is one task. A call that raises, or runs past
 `RewardBatch.failures`; a hung worker is killed (with its sandboxes, which die with it) and
 replaced. num_workers=0 runs in the calling process: exceptions are caught, but a hanging
 function cannot be interrupted there (use it for debugging).
+
+Workers are helpers of the trainer (`become_helper`): they ignore the stop signals (SIGTERM,
+SIGINT, SIGUSR1: a signal sent to the whole job is the trainer's to handle, which saves and exits
+0) and die with the trainer (parent-death signal), so a `kill -9`'d trainer leaves none behind. A
+worker found dead (killed from outside, or by its own function) is replaced before its next call.
 """
 
+import contextlib
+import ctypes
 import dataclasses
 import logging
 import multiprocessing as mp
+import os
 import shutil
+import signal
+import sys
 import tempfile
 import time
 import traceback
 from collections import deque
+from collections.abc import Iterator
+from multiprocessing import resource_tracker
+from multiprocessing import util as mp_util
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -78,7 +91,46 @@ def _call(fn: BoundReward, s: RewardInput) -> tuple[bool, Any]:
         return False, f"{type(e).__name__}: {e} [{tb}]"
 
 
-def _worker_main(conn: Connection, config: RewardsConfig, scratch: str) -> None:
+HELPER_IGNORED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+"""Stop signals: the trainer's to handle (it saves and exits 0); its helpers ignore them."""
+PR_SET_PDEATHSIG = 1
+
+
+@contextlib.contextmanager
+def stop_signals_blocked() -> Iterator[None]:
+    """Block the stop signals in this thread while helper processes start (`spawn` children
+    inherit the mask across exec): a helper cannot die of a job-wide signal before
+    `become_helper` ignores it, and none is lost for the trainer (a blocked signal waits, or
+    goes to another thread). multiprocessing's resource tracker, started here if not yet, keeps
+    SIGUSR1 blocked for good (it ignores SIGINT/SIGTERM itself; it exits when the trainer and
+    every helper are gone)."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, HELPER_IGNORED_SIGNALS)
+    try:
+        resource_tracker.ensure_running()  # unblocks SIGINT/SIGTERM on its way out: block again
+        signal.pthread_sigmask(signal.SIG_BLOCK, HELPER_IGNORED_SIGNALS)
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def become_helper(parent_pid: int) -> None:
+    """First thing in a helper process started under `stop_signals_blocked` (main thread): ignore
+    the stop signals, ask the kernel to SIGKILL this process when its parent dies (Linux; the
+    "parent" is the thread that started it, so start helpers from a long-lived thread), and exit
+    if the parent already died before that took effect."""
+    for sig in HELPER_IGNORED_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HELPER_IGNORED_SIGNALS)
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent_pid:
+        os._exit(0)  # orphaned before the death signal was armed
+
+
+def _worker_main(conn: Connection, config: RewardsConfig, scratch: str, parent_pid: int) -> None:
+    become_helper(parent_pid)
     sandbox.set_scratch_root(scratch)
     fns = [bind(spec, config) for spec in config.functions]
     while True:
@@ -120,6 +172,9 @@ class RewardComputer:
         self._ctx = mp.get_context("spawn")  # the trainer holds threads: never fork it
         self._workers: list[_Worker] = []
         self.failures_total = 0
+        # At interpreter exit multiprocessing SIGTERMs daemonic children and joins them: workers
+        # ignore SIGTERM, so they are killed first (exitpriority >= 0 runs before that).
+        mp_util.Finalize(self, _kill_all, args=(self._workers,), exitpriority=10)
 
     def __enter__(self) -> "RewardComputer":
         return self
@@ -165,13 +220,22 @@ class RewardComputer:
         while len(self._workers) < self.config.num_workers:
             self._workers.append(self._start_worker())
         todo = deque(tasks)
+        retried: set[tuple[int, int]] = set()
         while todo or any(w.task for w in self._workers):
-            for w in self._workers:
+            for k, w in enumerate(self._workers):
                 if w.task is None and todo:
+                    if not w.process.is_alive():  # killed between calls: replace, do not fail
+                        logger.warning("reward worker %d died (exit code %s): replaced",
+                                       w.process.pid, w.process.exitcode)
+                        self._replace(w)
+                        w = self._workers[k]
                     w.task = todo.popleft()
                     grace = WORKER_START_GRACE_S if w.fresh else 0.0
                     w.deadline = time.monotonic() + self.config.timeout_s + grace
-                    w.conn.send((0, w.task[1], samples[w.task[0]]))
+                    try:
+                        w.conn.send((0, w.task[1], samples[w.task[0]]))
+                    except OSError:  # died just now: its sentinel reports it below
+                        pass
             busy = [w for w in self._workers if w.task]
             timeout = max(0.0, min(w.deadline for w in busy) - time.monotonic())
             ready = set(wait([w.conn for w in busy] + [w.process.sentinel for w in busy],
@@ -183,8 +247,12 @@ class RewardComputer:
                         results[w.task] = (ok, value)
                         w.task, w.fresh = None, False
                         continue
-                    except (EOFError, OSError):
-                        results[w.task] = (False, "reward worker died")
+                    except (EOFError, OSError):  # died on this call: once more on a new one
+                        if w.task in retried:
+                            results[w.task] = (False, "reward worker died")
+                        else:
+                            retried.add(w.task)
+                            todo.appendleft(w.task)
                 elif time.monotonic() < w.deadline:
                     continue
                 else:
@@ -194,9 +262,11 @@ class RewardComputer:
     def _start_worker(self) -> _Worker:
         scratch = tempfile.mkdtemp(prefix="mrl-reward-worker-")
         parent, child = self._ctx.Pipe()
-        p = self._ctx.Process(target=_worker_main, args=(child, self.config, scratch),
+        p = self._ctx.Process(target=_worker_main,
+                              args=(child, self.config, scratch, os.getpid()),
                               daemon=True, name="reward-worker")
-        p.start()
+        with stop_signals_blocked():
+            p.start()
         child.close()
         return _Worker(p, parent, scratch)
 
@@ -223,4 +293,12 @@ class RewardComputer:
         """Stop the workers."""
         for w in self._workers:
             self._stop(w, kill=False)
-        self._workers = []
+        self._workers.clear()
+
+
+def _kill_all(workers: list[_Worker]) -> None:
+    for w in workers:
+        w.process.kill()
+        w.process.join()
+        shutil.rmtree(w.scratch, ignore_errors=True)
+    workers.clear()
