@@ -615,7 +615,7 @@ class Trainer:
         """Resume from the newest checkpoint in `checkpoint.dir` (`checkpoint.resume`), else load
         the initial weights of `checkpoint.load`, if any."""
         ck = self.cfg.checkpoint
-        path = run_state.latest_checkpoint(ck.dir) if ck.resume else None
+        path = run_state.latest_checkpoint(ck.dir, self._say) if ck.resume else None
         if ck.resume and path is None:
             self._say(f"checkpoint.resume: no complete checkpoint in {ck.dir}; starting fresh")
         if ck.load:  # also when resuming: the KL reference is the initial policy
@@ -628,7 +628,7 @@ class Trainer:
             self.reference = ReferencePolicy.from_actor(self.actor)
         if path is None:
             return
-        state = run_state.load_run(path, self.actor)
+        path, state = run_state.resume(ck.dir, self.actor, self._say, start=path)
         self.step, self.nonfinite_streak = state["step"], state["nonfinite_streak"]
         self.resumed_from = self.last_checkpoint = path
         self._saved_at = self.step
