@@ -92,7 +92,7 @@ def test_submit_requeue_resume_finish(cluster: None, tmp_path: Path) -> None:
         f"train.steps={STEPS}", "checkpoint.save_interval=1", "checkpoint.keep_last=0",
         "rollout.prompts_per_step=2", "rollout.n_samples_per_prompt=4",
         "rollout.max_new_tokens=12", "actor.seq_length=128", "actor.micro_batch_size=4",
-        "data.train_size=100", "data.eval_size=10", "eval.size=0", "rewards.num_workers=0",
+        "data.train_size=100", "data.eval_size=10", "eval.size=0", "rewards.num_workers=1",
         "algorithm.dynamic_sampling=false", f"data.tokenizer_cache={tmp_path}/tok",
         "logging.tensorboard=false", "logging.plot=false",
     ]
@@ -114,7 +114,8 @@ def test_submit_requeue_resume_finish(cluster: None, tmp_path: Path) -> None:
         first = int(re.search(r"resumed from \S+ at step (\d+)", text).group(1))
         assert first >= 2
         # SIGTERM reached every process of the step, yet the trainer saved and the restart
-        # resumed from that save (the checkpoint writer's helper ignores it)
+        # resumed from that save (its helpers, the checkpoint writer's manager and the reward
+        # worker, ignore it)
         saved = re.search(r"stop signal received: saved step (\d+)", text)
         assert saved and int(saved.group(1)) == first, text
         # 2. SIGUSR1 to the batch shell, as --signal=B:USR1@N sends it: the ranks save and
