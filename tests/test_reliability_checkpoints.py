@@ -241,3 +241,28 @@ def test_manifest_lists_every_file_and_verifies(full):
         listed = json.loads((d / MANIFEST).read_text())["files"]
         assert sorted(listed) == sorted(f.name for f in d.iterdir() if f.name != MANIFEST)
         assert verify(d) is None
+
+
+def test_interrupted_prune_of_actor_checkpoints_leaves_no_partial_one(tmp_path, monkeypatch):
+    """The same for `actor.checkpoint.prune` (checkpoints saved by `Actor.save`)."""
+    from megatron_rl.actor import checkpoint
+
+    for i, name in enumerate(["a", "b", "c"]):
+        (tmp_path / name).mkdir()
+        for f in ("metadata.json", "__0_0.distcp"):
+            (tmp_path / name / f).write_text("x")
+        os.utime(tmp_path / name, (i, i))
+
+    def killed_rmtree(path, ignore_errors=False):
+        path = Path(path)
+        if path.exists():
+            (path / "__0_0.distcp").unlink()
+            raise KeyboardInterrupt("killed mid-delete")
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.prune(tmp_path, 2)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".deleting-a", "b", "c"]
+    checkpoint.prune(tmp_path, 1)  # the leftover is not a checkpoint, and goes with b
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]

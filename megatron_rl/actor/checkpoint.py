@@ -51,8 +51,8 @@ def save_sharded(
     _barrier()
     if _rank() == 0:
         (tmp / INFO).write_text(json.dumps(info or {}, indent=1, sort_keys=True))
-        if final.exists():
-            shutil.rmtree(final)
+        if final.exists():  # moved out whole first: a crash never leaves it half-deleted
+            _delete(final)
         os.replace(tmp, final)
         latest_tmp = root / f".{LATEST}.tmp"
         latest_tmp.write_text(name + "\n")
@@ -115,8 +115,20 @@ def prune(root: str | os.PathLike, keep_last: int) -> None:
     if _rank() != 0 or keep_last <= 0 or not root.is_dir():
         return
     done = sorted(
-        (p for p in root.iterdir() if p.is_dir() and (p / "metadata.json").is_file()),
+        (p for p in root.iterdir()
+         if p.is_dir() and not p.name.startswith(".") and (p / "metadata.json").is_file()),
         key=lambda p: p.stat().st_mtime,
     )
     for old in done[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        _delete(old)
+    for leftover in root.glob(".deleting-*"):  # of deletes a crash interrupted
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _delete(path: Path) -> None:
+    """Rename `path` to `.deleting-<name>`, then delete it: a crash mid-delete leaves a hidden
+    leftover (never a partial checkpoint under its own name), which `prune` removes."""
+    doomed = path.with_name(f".deleting-{path.name}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
