@@ -37,10 +37,14 @@ def tiny(out: Path, *extra: str) -> list[str]:
             f"checkpoint.dir={out}/ckpt", *extra]
 
 
-def start(out: Path, *extra: str, resume: bool = False) -> subprocess.Popen:
+def start(out: Path, *extra: str, resume: bool = False, torchrun: int = 0) -> subprocess.Popen:
+    """`megatron-rl train` on the tiny run in a new session (under `torchrun` with that many
+    ranks when `torchrun` > 0)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = [a for kv in tiny(out, *extra) for a in ("--set", kv)] + ["--resume"] * resume
-    return subprocess.Popen([*CLI, *args], cwd=ROOT, env=env,
+    cli = CLI if not torchrun else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                    f"--nproc-per-node={torchrun}", *CLI[1:]]
+    return subprocess.Popen([*cli, *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
@@ -113,6 +117,28 @@ def test_signal_to_the_process_group_saves_exits_0_and_resume_continues(tmp_path
     assert resumed.returncode == 0, output
     assert f"resumed from {tmp_path / 'ckpt' / f'step_{step}'} at step {step}" in output, output
     assert (tmp_path / "ckpt" / f"step_{step + 1}" / "trainer_state.pt").is_file(), output
+
+
+def test_sigterm_to_torchrun_saves_on_every_rank_and_resume_continues(tmp_path):
+    """torchrun passes SIGTERM to each rank's process group (rank and helpers): every rank
+    finishes the step and saves within torchrun's shutdown timeout."""
+    proc = start(tmp_path, "parallel.tp=2", torchrun=2)
+    try:
+        wait_for_steps(proc, tmp_path)
+        proc.send_signal(signal.SIGTERM)  # torchrun alone
+    finally:
+        output = finish(proc)
+    assert "stop signal received: saved step" in output, output
+    step = int(output.split("stop signal received: saved step ")[1].split()[0])
+    assert "Traceback" not in output.split("stop signal received")[0], output
+    for f in ("trainer_state.pt", "rng_rank0.pt", "rng_rank1.pt"):
+        assert (tmp_path / "ckpt" / f"step_{step}" / f).is_file(), output
+
+    resumed = start(tmp_path, "parallel.tp=2", f"train.steps={step + 1}", resume=True,
+                    torchrun=2)
+    output = finish(resumed)
+    assert resumed.returncode == 0, output
+    assert f"resumed from {tmp_path / 'ckpt' / f'step_{step}'} at step {step}" in output, output
 
 
 def test_kill_9_of_the_trainer_leaves_no_helper_behind(tmp_path):
