@@ -316,7 +316,8 @@ class Trainer:
             samples, report = self.sampler.sample()
             summary = {"gen_batches": report.gen_batches, "groups_seen": report.groups_seen,
                        "groups_kept": report.groups_kept,
-                       "generate_seconds": report.generate_seconds}
+                       "generate_seconds": report.generate_seconds,
+                       "nonfinite_rewards": report.nonfinite_rewards}
             if ro.save_dir is not None:
                 save_rollouts(ro.save_dir, step, samples, summary)
             return samples, summary
@@ -573,6 +574,8 @@ class Trainer:
             **reflection_frequency([s.response_text for s in samples]),
             **gap,
             "routing/agreement": routing,
+            # Reward calls that returned NaN/inf, scored 0 (saved rollouts of older runs: 0).
+            "rewards/nonfinite": report.get("nonfinite_rewards", 0.0),
             "actor/loss": 0.0, "actor/entropy": math.nan, "actor/clip_frac_low": 0.0,
             "actor/clip_frac_high": 0.0, "actor/approx_kl": 0.0,
             # pg_loss, clip fractions, approx KL, ratio mean/max, and where on: KL to the

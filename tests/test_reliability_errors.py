@@ -199,6 +199,7 @@ def test_training_with_a_nan_reward_runs(tmp_path: Path) -> None:
     assert "reward not a finite number (NaN or inf), scored 0: 'nanreward:score'" in proc.stderr
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1]
+    assert rows[0]["rewards/nonfinite"] > 0  # counted in the step's metrics
 
 
 # ---- serve -----------------------------------------------------------------------------------
