@@ -293,17 +293,21 @@ def save_run(root: str | os.PathLike, step: int, actor: Any, trainer_state: dict
     return final
 
 
-def complete_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
-    """(step, path) of the complete run checkpoints under `root`, oldest first."""
+def checkpoint_dirs(root: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, path) of every `step_<N>` directory under `root`, whole or not, oldest first.
+    Saves are atomic (staged, then renamed), so one that is not whole was damaged later."""
     root = Path(root)
     if not root.is_dir():
         return []
-    found = []
-    for p in root.iterdir():
-        m = _STEP_DIR.match(p.name)
-        if m and (p / STATE_FILE).is_file() and (p / "metadata.json").is_file():
-            found.append((int(m.group(1)), p))
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if p.is_dir() and (m := _STEP_DIR.match(p.name))]
     return sorted(found)
+
+
+def complete_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, path) of the complete run checkpoints under `root`, oldest first."""
+    return [(s, p) for s, p in checkpoint_dirs(root)
+            if (p / STATE_FILE).is_file() and (p / "metadata.json").is_file()]
 
 
 def prune(root: str | os.PathLike, keep_last: int) -> None:
@@ -327,7 +331,7 @@ def latest_checkpoint(root: str | os.PathLike, say: Any = print,
     listings; collective). Each newer one that does not verify is named with why on one line
     (rank 0, through `say`). None when there is none; `CheckpointDamaged` when there are some
     and none verifies (starting afresh beside them would mix two runs' checkpoints)."""
-    found = _from_rank0([(s, str(p)) for s, p in complete_checkpoints(root)
+    found = _from_rank0([(s, str(p)) for s, p in checkpoint_dirs(root)
                          if below is None or s < below] if _rank() == 0 else None)
     for _, p in reversed(found):
         problem = verify(p)

@@ -177,16 +177,16 @@ def test_bad_flag_fails_naming_it(argv, message, capsys):
 
 
 def test_bad_config_fails_naming_the_field(capsys):
-    assert main(["plan", QWEN, "--gpus", "12"]) == 2
+    assert main(["plan", QWEN, "--gpus", "12"]) == 1
     err = capsys.readouterr().err
     assert "parallel" in err and "world size 12" in err
-    assert main(["plan", DSV3, "--set", "parallel.pp_last_stage_layers=14"]) == 2
+    assert main(["plan", DSV3, "--set", "parallel.pp_last_stage_layers=14"]) == 1
     assert "parallel.pp_last_stage_layers" in capsys.readouterr().err
     bad_tp = ["--set", "slurm.engine_tp=3", "--set", "slurm.engine_ep=1"]
-    assert main(["plan", QWEN, *bad_tp]) == 2
+    assert main(["plan", QWEN, *bad_tp]) == 1
     assert "slurm.engine_tp: 3 does not divide the 8 engine GPUs" in capsys.readouterr().err
     bad_args = ["--set", "slurm.engine_args=[--mem-fraction-static, lots]"]
-    assert main(["plan", QWEN, *bad_args]) == 2
+    assert main(["plan", QWEN, *bad_args]) == 1
     assert "slurm.engine_args" in capsys.readouterr().err
 
 

@@ -299,3 +299,44 @@ def test_bad_config_value_is_refused_before_torch(argv: list[str]) -> None:
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(),
                           capture_output=True, text=True, timeout=120)
     _one_line(proc, argv[0], "algorithm.eps_low")
+
+
+# ---- inputs found by a user trying 50 bad ones -------------------------------------------------
+
+
+def test_convert_never_replaces_a_destination_that_holds_files(tmp_path: Path) -> None:
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "mine.txt").write_text("keep me")
+    proc = _cli("convert", "mcore-to-hf", str(tmp_path / "src"), str(dst))
+    _one_line(proc, "convert", str(dst), "not empty")
+    assert (dst / "mine.txt").read_text() == "keep me"
+
+
+def test_convert_names_a_garbage_config_json(tmp_path: Path) -> None:
+    src = tmp_path / "hf"
+    src.mkdir()
+    (src / "config.json").write_text("{garbage")
+    _one_line(_cli("convert", "hf-to-mcore", str(src), str(tmp_path / "out")), "convert",
+              str(src / "config.json"), "not valid JSON")
+
+
+@pytest.mark.parametrize(("argv", "culprit"), [
+    (["profile", "--tokens", "-5"], "--tokens: must be > 0"),
+    (["profile", "--tp", "0"], "--tp: must be > 0"),
+    (["profile", "--vocab", "0"], "--vocab: must be > 0"),
+    (["serve", "--model-path", "x", "--port", "99999"], "--port: must be 0-65535"),
+])
+def test_bad_numbers_in_arguments_are_refused_by_name(argv: list[str], culprit: str) -> None:
+    proc = _cli(*argv)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert culprit in proc.stderr.strip().splitlines()[-1]
+
+
+def test_a_data_path_the_source_would_not_read_is_refused() -> None:
+    proc = _cli("train", TINY, "--set", "data.path=prompts.jsonl")
+    _one_line(proc, "train", "data.path", "reasoning_gym")
+
+
+def test_plan_config_errors_exit_1_like_the_other_commands() -> None:
+    _one_line(_cli("plan", TINY, "--set", "parallel.ep=3"), "plan", "parallel.ep")

@@ -316,3 +316,18 @@ def test_checkpoint_writer_helper_survives_stop_signals(monkeypatch):
     assert all(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in helpers)
     queue.put("still there")
     assert queue.get(timeout=10) == "still there"
+
+
+def test_a_lone_damaged_checkpoint_stops_resume_instead_of_a_fresh_start(tmp_path):
+    """A `step_<N>` directory that is not whole (saves are atomic, so it was damaged later) is
+    named and skipped; with nothing else to resume, resume stops rather than start a new run
+    beside it (whose pruning could later delete it)."""
+    from megatron_rl.run_state import CheckpointDamaged, latest_checkpoint
+
+    (tmp_path / "step_3").mkdir()
+    (tmp_path / "step_3" / "metadata.json").write_text("garbage")
+    (tmp_path / "latest").write_text("step_3\n")
+    said = []
+    with pytest.raises(CheckpointDamaged, match="no checkpoint in .* could be loaded"):
+        latest_checkpoint(tmp_path, said.append)
+    assert said == ["checkpoint step_3 skipped: trainer_state.pt is missing"]

@@ -235,3 +235,30 @@ def test_in_process_catches_exceptions():
 def test_computer_rejects_bad_config_at_construction():
     with pytest.raises(ValueError, match="unknown reward function"):
         RewardComputer(RewardsConfig(functions=[RewardFunctionConfig(name="nope")]))
+
+
+def always_boom(prompt, response, label, metadata):
+    """A broken user reward: raises on every sample."""
+    raise RuntimeError("kaboom")
+
+
+def test_a_reward_raising_on_every_sample_is_one_error_naming_it(caplog):
+    from megatron_rl.rewards.pool import RewardFunctionError
+
+    cfg = RewardsConfig(functions=[RewardFunctionConfig(name="test_rewards:always_boom")],
+                        num_workers=0)
+    samples = [RewardInput("", r, None) for r in ["a", "b", "c"]]
+    expected = ("'test_rewards:always_boom' raised on all 3 samples of the batch, e.g. "
+                "RuntimeError: kaboom")
+    with pytest.raises(RewardFunctionError, match=expected):
+        RewardComputer(cfg)(samples)
+    # Failing on some samples is not broken: one warning line per function, scores 0 there.
+    cfg = RewardsConfig(functions=[RewardFunctionConfig(name="test_rewards:boom")],
+                        num_workers=0)
+    with caplog.at_level(logging.WARNING):
+        batch = RewardComputer(cfg)([RewardInput("", r, None) for r in ["boom", "x", "boom"]])
+    assert batch.scores["test_rewards:boom"] == [0.0, 1.0, 0.0]
+    lines = [r.getMessage() for r in caplog.records if "failed on" in r.getMessage()]
+    assert lines == ["reward 'test_rewards:boom' failed on 2 of 3 samples (scored 0), e.g. "
+                     "sample 0: reward 'test_rewards:boom' failed: RuntimeError: kaboom "
+                     "[RuntimeError: kaboom]"]

@@ -5,43 +5,29 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 
-from megatron_rl.cli.args import add_config_args
+from megatron_rl.cli.args import add_config_args, positive
 from megatron_rl.cli.errors import debug
 from megatron_rl.configurable import ConfigError, apply_overrides, from_dict
 from megatron_rl.launch.plan import Hardware, make_plan, render
 
 
-def _positive(kind: type) -> Callable[[str], float | int]:
-    def parse(text: str) -> float | int:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-    parse.__name__ = kind.__name__
-    return parse
-
-
 def _fraction(text: str) -> float:
-    value = _positive(float)(text)
+    value = positive(float)(text)
     if value > 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text} (e.g. 0.3 for 30%)")
     return value
 
 
 _FLAGS = {  # flag -> (Hardware field, parser)
-    "--gpu-mem-gib": ("gpu_mem_gib", _positive(float)),
-    "--reserve-gib": ("reserve_gib", _positive(float)),
-    "--peak-tflops": ("peak_tflops", _positive(float)),
+    "--gpu-mem-gib": ("gpu_mem_gib", positive(float)),
+    "--reserve-gib": ("reserve_gib", positive(float)),
+    "--peak-tflops": ("peak_tflops", positive(float)),
     "--mfu": ("mfu", _fraction),
     "--rollout-mfu": ("rollout_mfu", _fraction),
-    "--nvlink-gbs": ("nvlink_gbs", _positive(float)),
-    "--ib-gbs": ("ib_gbs", _positive(float)),
-    "--gpus-per-node": ("gpus_per_node", _positive(int)),
+    "--nvlink-gbs": ("nvlink_gbs", positive(float)),
+    "--ib-gbs": ("ib_gbs", positive(float)),
+    "--gpus-per-node": ("gpus_per_node", positive(int)),
 }
 
 _FIELD_HELP = {
@@ -57,7 +43,7 @@ _FIELD_HELP = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Config arguments plus the world size and the hardware assumptions (H100 SXM defaults)."""
     add_config_args(parser)
-    parser.add_argument("--gpus", type=_positive(int), help="actor GPUs (default: (slurm.nodes - "
+    parser.add_argument("--gpus", type=positive(int), help="actor GPUs (default: (slurm.nodes - "
                         "slurm.engine_nodes) x slurm.gpus_per_node, or tp*pp*cp*dp on a CPU job)")
     parser.add_argument("--engine-mem-fraction", dest="engine_mem_fraction", type=_fraction,
                         help="memory fraction of an engine (default: --mem-fraction-static of "
@@ -87,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         if debug(args):
             raise
         print(f"megatron-rl plan: {err}", file=sys.stderr)
-        return 2
+        return 1  # like every other subcommand's config error
     print(render(plan, cfg, args.config))
     return 0
 

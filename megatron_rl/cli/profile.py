@@ -8,16 +8,17 @@ import argparse
 import json
 from typing import Any
 
+from megatron_rl.cli.args import positive
 from megatron_rl.kernels import profile
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Shapes, kernels and backend to profile."""
-    parser.add_argument("--tokens", type=int, nargs="+", default=[4096],
+    parser.add_argument("--tokens", type=positive(int), nargs="+", default=[4096],
                         help="tokens per call (rows of the logits)")
-    parser.add_argument("--vocab", type=int, nargs="+", default=[129280, 152064],
+    parser.add_argument("--vocab", type=positive(int), nargs="+", default=[129280, 152064],
                         help="full vocabulary sizes")
-    parser.add_argument("--tp", type=int, nargs="+", default=[1],
+    parser.add_argument("--tp", type=positive(int), nargs="+", default=[1],
                         help="tensor-parallel sizes (each rank holds ceil(V/TP) columns)")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
                         help="logits dtype")
@@ -26,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=["auto", "triton", "torch"], default="auto",
                         help="kernel backend, as actor.kernels (auto: Triton on CUDA, torch on "
                         "CPU)")
-    parser.add_argument("--iters", type=int, default=5, help="timed calls per shape")
+    parser.add_argument("--iters", type=positive(int), default=5, help="timed calls per shape")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls first")
     parser.add_argument("--compile-only", action="store_true",
                         help="compile every Triton kernel for sm_90a (no GPU needed) and print "

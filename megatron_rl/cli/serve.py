@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from megatron_rl.cli.args import add_overrides
+from megatron_rl.cli.args import add_overrides, port
 
 if TYPE_CHECKING:
     from megatron_rl.config import RunConfig
@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer-path", help="tokenizer directory (default: --model-path, or "
                         "the tokenizer of --config's data section)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=30000,
+    parser.add_argument("--port", type=port, default=30000,
                         help="port (default: 30000; 0 = any free port, printed when ready)")
 
 

@@ -43,8 +43,18 @@ def _actor(model: ModelConfig, overrides: list[str]) -> Actor:
     return Actor(cfg.model, cfg.parallel, cfg.actor)
 
 
+def _check_destination(dst: str) -> None:
+    """A destination that holds anything is refused before any work: conversion never replaces
+    or deletes a user's files."""
+    out = Path(dst)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{dst}: the destination exists and is not empty; choose a new "
+                              "directory (nothing was written)")
+
+
 def hf_to_mcore(src: str, dst: str, overrides: list[str]) -> str:
     """HF checkpoint -> Megatron dist checkpoint at `dst` (collective); returns its path."""
+    _check_destination(dst)
     arch, model = hf_model_config(src)
     log_rank0(f"{src}: {arch.name}, {model.num_layers} layers, {model.num_experts} experts")
     actor = _actor(model, overrides)
@@ -57,6 +67,7 @@ def hf_to_mcore(src: str, dst: str, overrides: list[str]) -> str:
 def mcore_to_hf(src: str, dst: str, overrides: list[str]) -> str:
     """Megatron dist checkpoint written by megatron-rl -> HF checkpoint at `dst` (collective);
     returns its path."""
+    _check_destination(dst)
     info = checkpoint.read_info(src)
     if not info.get("model") or not info.get("arch"):
         raise ValueError(f"{src}: no model config/architecture recorded (megatron_rl.json); "

@@ -49,6 +49,10 @@ class DataConfig:
                     f"set data.path to a .{self.source} file")
         else:
             require(bool(self.task.strip()), "task", "is empty", "e.g. basic_arithmetic")
+            for name in ("path", "eval_path"):  # a file the run would silently not read
+                require(getattr(self, name) is None, name,
+                        f"is set but source is {self.source!r}, which generates its prompts",
+                        "set data.source to jsonl or parquet to read the file")
         require_positive(self, "train_size")
         require(self.train_size < 2**30, "train_size", f"must be < 2**30, got {self.train_size}",
                 "the held-out eval split uses seeds from seed + 2**30 on")

@@ -38,6 +38,10 @@ from megatron_rl.rewards.registry import BoundReward, bind
 logger = logging.getLogger(__name__)
 
 
+class RewardFunctionError(RuntimeError):
+    """A reward function raised on every sample of a batch: it is broken, not unlucky."""
+
+
 @dataclasses.dataclass(frozen=True)
 class RewardInput:
     """One sample to score."""
@@ -207,13 +211,29 @@ class RewardComputer:
             scores[name][i] = value[0]
             for k, v in value[1].items():
                 extras.setdefault(f"{name}/{k}", [float("nan")] * n)[i] = v
-        for line in errors:
-            logger.warning("%s", line)
+        self._report(errors, n)
         self.failures_total += len(errors)
         total = [sum(w * scores[name][i] for name, w in zip(self.names, self.weights,
                                                                  strict=True))
                  for i in range(n)]
         return RewardBatch(scores, total, extras, len(errors), errors)
+
+    def _report(self, errors: list[str], n: int) -> None:
+        """One warning per function and batch (how many samples failed, the first reason); a
+        function that raised on every sample of a batch of several is broken, not unlucky:
+        `RewardFunctionError` names it (timeouts and dead workers never count as broken)."""
+        for name in self.names:
+            mine = [e for e in errors if f"reward {name!r} failed:" in e]
+            if not mine:
+                continue
+            raised = [e for e in mine if e.endswith("]")]  # `_call`: "<exc> [<traceback line>]"
+            if n >= 2 and len(raised) == n:
+                raise RewardFunctionError(
+                    f"reward {name!r} raised on all {n} samples of the batch, e.g. "
+                    f"{raised[0].split(' failed: ', 1)[1]}; fix the function (one that fails on "
+                    "some samples scores 0 there)")
+            logger.warning("reward %r failed on %d of %d samples (scored 0), e.g. %s", name,
+                           len(mine), n, mine[0])
 
     def _run_pool(self, tasks: list[tuple[int, int]], samples: list[RewardInput],
                   results: dict[tuple[int, int], tuple[bool, Any]]) -> None:
