@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_rl.actor import compat
+from megatron_rl.atomic import DELETING_PREFIX, delete_aside
 from megatron_rl.convert import check_hf_matches
 
 STATE_FILE = "trainer_state.pt"
@@ -56,7 +57,7 @@ try:  # torch's distributed-checkpoint reader wraps a rank's failure in a BaseEx
     _LOAD_ERRORS += (CheckpointException,)
 except ImportError:  # pragma: no cover - older torch
     pass
-_LEFTOVERS = (".staging-", ".deleting-", ".trash-")
+_LEFTOVERS = (".staging-", DELETING_PREFIX, ".trash-")  # .trash-: older versions' name
 """Prefixes of directories a save or prune interrupted by a crash leaves behind."""
 FORMAT = 1
 """Version of the trainer state's layout; bumped when it changes incompatibly."""
@@ -279,10 +280,7 @@ def save_run(root: str | os.PathLike, step: int, actor: Any, trainer_state: dict
     _write_manifest(staged)  # last
     if _rank() == 0:
         if final.exists():  # re-saving a step (e.g. after a resume): move the old one out first
-            trash = root / f".trash-{name}"
-            shutil.rmtree(trash, ignore_errors=True)
-            os.replace(final, trash)
-            shutil.rmtree(trash, ignore_errors=True)
+            delete_aside(final)
         os.replace(staged, final)
         shutil.rmtree(staging, ignore_errors=True)
         tmp = root / f".{LATEST}.tmp"
@@ -316,10 +314,7 @@ def prune(root: str | os.PathLike, keep_last: int) -> None:
     if keep_last <= 0:
         return
     for _, path in complete_checkpoints(root)[:-keep_last]:
-        doomed = path.with_name(f".deleting-{path.name}")
-        shutil.rmtree(doomed, ignore_errors=True)
-        os.replace(path, doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
+        delete_aside(path)
 
 
 # ---- load ----------------------------------------------------------------------------------------

@@ -20,6 +20,8 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 
+from megatron_rl.atomic import DELETING_PREFIX, delete_aside
+
 LATEST = "latest"
 INFO = "megatron_rl.json"
 
@@ -52,7 +54,7 @@ def save_sharded(
     if _rank() == 0:
         (tmp / INFO).write_text(json.dumps(info or {}, indent=1, sort_keys=True))
         if final.exists():  # moved out whole first: a crash never leaves it half-deleted
-            _delete(final)
+            delete_aside(final)
         os.replace(tmp, final)
         latest_tmp = root / f".{LATEST}.tmp"
         latest_tmp.write_text(name + "\n")
@@ -120,15 +122,6 @@ def prune(root: str | os.PathLike, keep_last: int) -> None:
         key=lambda p: p.stat().st_mtime,
     )
     for old in done[:-keep_last]:
-        _delete(old)
-    for leftover in root.glob(".deleting-*"):  # of deletes a crash interrupted
+        delete_aside(old)
+    for leftover in root.glob(DELETING_PREFIX + "*"):  # of deletes a crash interrupted
         shutil.rmtree(leftover, ignore_errors=True)
-
-
-def _delete(path: Path) -> None:
-    """Rename `path` to `.deleting-<name>`, then delete it: a crash mid-delete leaves a hidden
-    leftover (never a partial checkpoint under its own name), which `prune` removes."""
-    doomed = path.with_name(f".deleting-{path.name}")
-    shutil.rmtree(doomed, ignore_errors=True)
-    os.replace(path, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)

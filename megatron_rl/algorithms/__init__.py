@@ -10,10 +10,11 @@ before torch is imported.
 
 from __future__ import annotations
 
-import importlib
 import sys
 import types
 from typing import Any
+
+from megatron_rl.lazy import lazy_exports
 
 _EXPORTS = {
     **dict.fromkeys(["ADVANTAGES", "GroupAdvantages", "compute_advantages", "dr_grpo", "gdpo",
@@ -34,14 +35,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'megatron_rl.algorithms' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"megatron_rl.algorithms.{_EXPORTS[name]}"), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 
 class _Package(types.ModuleType):

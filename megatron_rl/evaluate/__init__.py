@@ -21,8 +21,7 @@ Names are imported on first use (PEP 562; the code is `evaluation.py`), so impor
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from megatron_rl.lazy import lazy_exports
 
 _EXPORTS = {
     **dict.fromkeys(["METRICS_FILE", "RESULTS_FILE", "EvalResult", "EvalRow", "eval_data",
@@ -33,11 +32,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'megatron_rl.evaluate' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"megatron_rl.evaluate.{_EXPORTS[name]}"), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -6,8 +6,7 @@ transformers, no HTTP server, until an engine is asked for.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from megatron_rl.lazy import lazy_exports
 
 _EXPORTS = {
     "EngineError": "engine", "RolloutEngine": "engine",
@@ -22,7 +21,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'megatron_rl.rollout' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"megatron_rl.rollout.{_EXPORTS[name]}"), name)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
