@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import json
 import math
 import re
 import threading
@@ -55,6 +54,7 @@ from megatron_rl.metrics import (
     reward_stats,
 )
 from megatron_rl.rewards import RewardComputer
+from megatron_rl.rewards.config import is_correct
 from megatron_rl.rewards.pool import column_names
 from megatron_rl.rollout.sampler import GroupSampler, reward_inputs
 from megatron_rl.rollout.store import load_rollouts, save_rollouts, saved_steps
@@ -138,9 +138,10 @@ class _Timer:
 class Trainer:
     """One RL run; every method is collective over all ranks.
 
-    Attributes: `step` (completed steps), `stopped_by_signal` (the last `run()` ended early on
-    SIGTERM/SIGUSR1, after saving), `resumed_from` (the checkpoint this run continued, or None),
-    `signals` (the stop-signal flag), `last_checkpoint` (path of the newest save, or None).
+    Attributes: `step` (the last step begun; completed once `train_step` returns),
+    `stopped_by_signal` (the last `run()` ended early on SIGTERM/SIGUSR1, after saving),
+    `resumed_from` (the checkpoint this run continued, or None), `signals` (the stop-signal
+    flag), `last_checkpoint` (path of the newest save, or None).
     """
 
     def __init__(self, cfg: RunConfig) -> None:
@@ -174,7 +175,7 @@ class Trainer:
                 self.engines = self._engines()
                 self.engine = self.engines[0]  # evaluation generates here
                 self.reward_computer = RewardComputer(cfg.rewards)
-                self.sampler = self._sampler(apply_template)
+                self.sampler = self._sampler()
         self._restore()  # last: it restores the RNG that construction has drawn from
         self._check_saved_rollouts()
 
@@ -199,7 +200,7 @@ class Trainer:
         return [TransformersEngine.from_model_config(self.cfg.model, tokenizer=self.tokenizer,
                                                      timeout_s=ro.call_timeout_s)]
 
-    def _sampler(self, apply_template: Any) -> GroupSampler:
+    def _sampler(self) -> GroupSampler:
         """The group sampler: prompts from the dataset, rewards from `self.reward`. It asks the
         engines for their routed experts when replay needs them, and from the embedded engine
         for every MoE model (they cost nothing there and give `routing/agreement`)."""
@@ -239,8 +240,11 @@ class Trainer:
         if load_dir is None:
             return
         wanted = range(self.step + 1, end + 1)
-        missing = self._from_rank0(lambda: [n for n in wanted
-                                            if n not in set(saved_steps(load_dir))])
+        def missing_steps() -> list[int]:
+            have = set(saved_steps(load_dir))  # one listing, not one per step
+            return [n for n in wanted if n not in have]
+
+        missing = self._from_rank0(missing_steps)
         if missing:
             raise ValueError(f"rollout.load_dir: {load_dir} has no step_{missing[0]}.pt "
                              f"({len(missing)} of steps {wanted.start}-{end} missing); lower "
@@ -561,7 +565,7 @@ class Trainer:
         """The step's scalars (docs/design.md section 8)."""
         accuracy = self.cfg.rewards.accuracy_function.name  # its score column
         correct = self.cfg.rewards.correct_reward
-        hits = [s.rewards.get(accuracy, s.reward) >= correct - 1e-6 for s in samples]
+        hits = [is_correct(s.rewards.get(accuracy, s.reward), correct) for s in samples]
         columns = {n: [s.rewards.get(n, math.nan) for s in samples] for n in self.reward_names}
         lengths = [len(s.response_ids) for s in samples]
         stats = result.stats
@@ -637,19 +641,7 @@ class Trainer:
         self._saved_at = self.step
         if self.rank == 0:
             self.prompts.load_state_dict(state["prompts"])
-            self._rewind_metrics()
         self._say(f"resumed from {path} at step {self.step}")
-
-    def _rewind_metrics(self) -> None:
-        """Drop the rows of `metrics.jsonl` after the resumed step (a crashed run may have
-        logged steps past its last checkpoint; they are about to be run again)."""
-        file = Path(self.cfg.train.output_dir) / "metrics.jsonl"
-        if not file.is_file():
-            return
-        lines = file.read_text().splitlines(keepends=True)
-        keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= self.step]
-        if len(keep) != len(lines):
-            file.write_text("".join(keep))
 
     def _say(self, line: str) -> None:
         if self.rank == 0:

@@ -137,6 +137,7 @@ def engine_routing(actor: Any, microbatches: Sequence[Any], replay: bool
     sp = bool(actor.config.sequence_parallel)
     targets = [to_router_order(mb.routed_experts, sp).long() for mb in microbatches]  # [N, L, K]
     masks = [to_router_order(mb.loss_mask, sp) != 0 for mb in microbatches]  # [N]
+    matches: list[torch.Tensor] = []
     action = RouterReplayAction.REPLAY_FORWARD if replay else RouterReplayAction.RECORD
     handles = []
     for layer, router in routers:
@@ -162,8 +163,8 @@ def engine_routing(actor: Any, microbatches: Sequence[Any], replay: bool
             own = router.router_replay.own_topk.sort(-1).values
             engine = targets[i][:, layer].to(own.device).sort(-1).values
             same = (own == engine).all(-1)[masks[i].to(own.device)]
-            counts[0] += float(same.sum())
-            counts[1] += float(same.numel())
+            matches.append(same.sum())  # stays on the device: one sync at the end, not per layer
+            counts[1] += same.numel()
 
         handles.append(router.register_forward_pre_hook(pre))
         handles.append(router.register_forward_hook(post))
@@ -172,6 +173,7 @@ def engine_routing(actor: Any, microbatches: Sequence[Any], replay: bool
     finally:
         for h in handles:
             h.remove()
+        counts[0] = float(torch.stack(matches).sum()) if matches else 0.0
         for _, router in routers:
             router.router_replay.clear_indices()
             router.router_replay.clear_router_replay_action()

@@ -16,6 +16,7 @@ from megatron_rl.algorithms.pass_at_k import avg_at_k, cons_at_k, pass_at_k
 from megatron_rl.data import DataConfig, PromptRecord, apply_template, build_dataset
 from megatron_rl.evaluate.config import EvalConfig
 from megatron_rl.rewards import RewardBatch, RewardComputer, RewardInput
+from megatron_rl.rewards.config import is_correct
 from megatron_rl.rewards.extract import extract_answer
 from megatron_rl.rollout.engine import RolloutEngine
 from megatron_rl.rollout.sampler import reward_inputs
@@ -31,8 +32,6 @@ RESULTS_FILE = "eval_results.jsonl"
 METRICS_FILE = "eval_metrics.json"
 PROGRESS_MIN_BATCHES = 4
 """Print a progress line per batch of prompts only from this many batches on."""
-CORRECT_TOL = 1e-6
-"""Slack when comparing a score with `correct_reward` (as the trainer's accuracy does)."""
 
 
 @dataclass
@@ -131,7 +130,7 @@ def _score(batch: Sequence[PromptRecord], outputs: list[list[GenerateOutput]],
             index=rec.index, prompt=rec.prompt, label=rec.label,
             responses=[s.response_text for s in group],
             answers=[extract(s.response_text) for s in group],
-            correct=[score >= correct_reward - CORRECT_TOL for score in scores],
+            correct=[is_correct(score, correct_reward) for score in scores],
             response_lengths=[len(s.response_ids) for s in group]))
     return rows
 

@@ -13,7 +13,7 @@ import os
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TextIO
 
 from megatron_rl.metrics.config import LoggingConfig
@@ -181,12 +181,11 @@ def record_eval(cfg: LoggingConfig, run_dir: str, step: int,
         plot_learning_curve(read_metrics(path), os.path.join(run_dir, CURVE_FILE))
 
 
-def read_metrics(path: str) -> list[dict[str, Any]]:
-    """The rows of a `metrics.jsonl` (one dict per step; nulls where a value was not finite).
-    Unreadable lines (a crash mid-write) are skipped; a missing file has none."""
+def _lines(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(line, row) of each readable step row of a JSON-lines metrics file; unreadable lines (a
+    crash mid-write) are skipped, a missing file has none."""
     if not os.path.isfile(path):
-        return []
-    rows = []
+        return
     with open(path, encoding="utf-8") as f:
         for line in f:
             try:
@@ -194,30 +193,25 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 continue
             if isinstance(row, dict) and isinstance(row.get("step"), int):
-                rows.append(row)
-    return rows
+                yield line, row
 
 
-def _keep_rows_through(path: str, step: int) -> list[dict[str, Any]]:
-    """Rewrite the JSON-lines file at `path` (if any) keeping the rows of steps <= `step`;
-    returns them. Unreadable lines (a crash mid-write) are dropped."""
+def read_metrics(path: str) -> list[dict[str, Any]]:
+    """The rows of a `metrics.jsonl` (one dict per step; nulls where a value was not finite)."""
+    return [row for _, row in _lines(path)]
+
+
+def _keep_rows_through(path: str, step: int) -> None:
+    """Rewrite the JSON-lines file at `path` (if any) keeping the rows of steps <= `step` (a
+    resumed run drops what a crashed one logged past its checkpoint)."""
     if not os.path.isfile(path):
-        return []
-    kept, lines = [], []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
-                kept.append(row)
-                lines.append(line if line.endswith("\n") else line + "\n")
+        return
+    lines = [line if line.endswith("\n") else line + "\n"
+             for line, row in _lines(path) if row["step"] <= step]
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         f.writelines(lines)
     os.replace(tmp, path)
-    return kept
 
 
 # (panel title, [(metric, label, style)]) of the learning curve, in reading order. Per-reward

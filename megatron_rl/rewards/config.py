@@ -5,6 +5,15 @@ from typing import Any
 
 from megatron_rl.configurable import require, require_non_negative, require_positive, section
 
+CORRECT_TOL = 1e-6
+"""Slack when comparing a score with `correct_reward` (float scores of exact answers)."""
+
+
+def is_correct(score: float, correct_reward: float) -> bool:
+    """A sample is correct when its accuracy score reaches `correct_reward`: the one rule the
+    trainer's `accuracy` and evaluation's pass@k share."""
+    return score >= correct_reward - CORRECT_TOL
+
 
 @section
 class RewardFunctionConfig:
