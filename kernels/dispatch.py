@@ -32,13 +32,18 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def triton_can_run(on_cuda: bool) -> bool:
+    """Triton is installed and has somewhere to run: CUDA tensors, or the interpreter on CPU."""
+    return triton_available() and (on_cuda or interpreting())
+
+
 def use_triton(x: torch.Tensor, backend: KernelBackend | str) -> bool:
     """Whether the kernel for tensor `x` runs in Triton under `backend` (see the module)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown kernel backend {backend!r}; use one of {', '.join(BACKENDS)}")
     if backend == "torch":
         return False
-    can = triton_available() and (x.is_cuda or interpreting())
+    can = triton_can_run(x.is_cuda)
     if backend == "triton" and not can:
         raise RuntimeError("kernel backend 'triton' needs a CUDA tensor or TRITON_INTERPRET=1 "
                            f"(got a {x.device} tensor, triton installed: {triton_available()}); "

@@ -30,13 +30,14 @@ import importlib
 import importlib.metadata
 import importlib.util
 import logging
-import os
 import sys
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
+
+from megatron_rl.kernels.dispatch import triton_can_run
 
 _ACTIVE = False
 _MODE: TorchFunctionMode | None = None
@@ -73,11 +74,7 @@ def _triton_kernels(kernels: str) -> bool:
     """Whether the fused kernels run in Triton under `ActorConfig.kernels` (as
     `megatron_rl.kernels.dispatch.use_triton` decides for CUDA tensors, or CPU tensors under the
     Triton interpreter)."""
-    if kernels == "torch" or importlib.util.find_spec("triton") is None:
-        return False
-    interpret = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on",
-                                                                           "yes")
-    return kernels == "triton" or not needed() or interpret
+    return kernels != "torch" and triton_can_run(on_cuda=not needed())
 
 
 def backend_summary(kernels: str = "auto") -> str:

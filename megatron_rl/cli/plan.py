@@ -4,11 +4,9 @@ config, on paper (the planner is `megatron_rl.launch.plan`)."""
 from __future__ import annotations
 
 import argparse
-import sys
 
 from megatron_rl.cli.args import add_config_args, positive
-from megatron_rl.cli.errors import debug
-from megatron_rl.configurable import ConfigError, apply_overrides, from_dict
+from megatron_rl.configurable import apply_overrides, from_dict
 from megatron_rl.launch.plan import Hardware, make_plan, render
 
 
@@ -52,29 +50,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="multi-token-prediction layers to count (default 0)")
     defaults = Hardware()
     for flag, (name, parse) in _FLAGS.items():
-        parser.add_argument(flag, dest=name, type=parse, default=getattr(defaults, name),
+        # gpus_per_node: None = the slurm section's, else the H100 node's (decided in `run`)
+        parser.add_argument(flag, dest=name, type=parse,
+                            default=None if name == "gpus_per_node" else getattr(defaults, name),
                             help=f"{_FIELD_HELP[name]} (default: {getattr(defaults, name)})")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run `megatron-rl plan`: print the table; exit 0 whether or not it fits, 2 on a bad
-    config."""
-    from megatron_rl.config import load_config  # torch: keeps `megatron-rl --help` light
+    """Run `megatron-rl plan`: print the table; exit 0 whether or not it fits (a bad config is
+    one line and exit 1, as for every subcommand: `megatron_rl.cli.errors`)."""
+    from megatron_rl.config import load_config
 
-    try:
-        world, per_node = _world_size(args.config, args.overrides, args.gpus)
-        cfg = load_config(args.config, args.overrides, world_size=world)
-        hw = Hardware(mtp_layers=args.mtp_layers, engine_mem_fraction=args.engine_mem_fraction,
-                      **{name: getattr(args, name) for name, _ in _FLAGS.values()})
-        if per_node and args.gpus_per_node == Hardware().gpus_per_node:
-            hw = Hardware(**{**hw.__dict__, "gpus_per_node": per_node})
-        plan = make_plan(cfg, hw)
-    except ConfigError as err:
-        if debug(args):
-            raise
-        print(f"megatron-rl plan: {err}", file=sys.stderr)
-        return 1  # like every other subcommand's config error
-    print(render(plan, cfg, args.config))
+    world, per_node = _world_size(args.config, args.overrides, args.gpus)
+    cfg = load_config(args.config, args.overrides, world_size=world)
+    flags = {name: getattr(args, name) for name, _ in _FLAGS.values()}
+    if flags["gpus_per_node"] is None:  # not given: the job's nodes, else an H100 node's
+        flags["gpus_per_node"] = per_node or Hardware().gpus_per_node
+    hw = Hardware(mtp_layers=args.mtp_layers, engine_mem_fraction=args.engine_mem_fraction,
+                  **flags)
+    print(render(make_plan(cfg, hw), cfg, args.config))
     return 0
 
 

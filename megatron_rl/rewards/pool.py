@@ -42,6 +42,11 @@ class RewardFunctionError(RuntimeError):
     """A reward function raised on every sample of a batch: it is broken, not unlucky."""
 
 
+BROKEN_MIN_SAMPLES = 3
+"""A function that raised on every sample of a batch this large is broken (a smaller batch may
+be one prompt the function cannot handle)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class RewardInput:
     """One sample to score."""
@@ -87,12 +92,17 @@ def _split(value: Any) -> tuple[float, dict[str, float]]:
     return float(value), {}
 
 
+class Raised(str):
+    """The failure of a call whose function raised (its message), as opposed to one that timed
+    out or whose worker died: only these say the function itself is broken."""
+
+
 def _call(fn: BoundReward, s: RewardInput) -> tuple[bool, Any]:
     try:
         return True, _split(fn(s.prompt, s.response, s.label, s.metadata))
     except Exception as e:  # a user's reward may raise anything: report, never crash the step
         tb = traceback.format_exc(limit=-1).strip().splitlines()[-1]
-        return False, f"{type(e).__name__}: {e} [{tb}]"
+        return False, Raised(f"{type(e).__name__}: {e} [{tb}]")
 
 
 HELPER_IGNORED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -203,37 +213,39 @@ class RewardComputer:
         scores = {name: [0.0] * n for name in self.names}
         extras: dict[str, list[float]] = {}
         errors = []
+        failed: dict[str, list[tuple[int, str]]] = {name: [] for name in self.names}
         for (i, j), (ok, value) in sorted(results.items()):
             name = self.names[j]
             if not ok:
                 errors.append(f"sample {i}: reward {name!r} failed: {value}")
+                failed[name].append((i, value))
                 continue
             scores[name][i] = value[0]
             for k, v in value[1].items():
                 extras.setdefault(f"{name}/{k}", [float("nan")] * n)[i] = v
-        self._report(errors, n)
+        self._report(failed, n)
         self.failures_total += len(errors)
         total = [sum(w * scores[name][i] for name, w in zip(self.names, self.weights,
                                                                  strict=True))
                  for i in range(n)]
         return RewardBatch(scores, total, extras, len(errors), errors)
 
-    def _report(self, errors: list[str], n: int) -> None:
+    def _report(self, failed: dict[str, list[tuple[int, str]]], n: int) -> None:
         """One warning per function and batch (how many samples failed, the first reason); a
-        function that raised on every sample of a batch of several is broken, not unlucky:
-        `RewardFunctionError` names it (timeouts and dead workers never count as broken)."""
-        for name in self.names:
-            mine = [e for e in errors if f"reward {name!r} failed:" in e]
+        function that raised on every sample of a batch of `BROKEN_MIN_SAMPLES` or more is
+        broken, not unlucky: `RewardFunctionError` names it (timeouts and dead workers never
+        count as broken)."""
+        for name, mine in failed.items():
             if not mine:
                 continue
-            raised = [e for e in mine if e.endswith("]")]  # `_call`: "<exc> [<traceback line>]"
-            if n >= 2 and len(raised) == n:
+            raised = [why for _, why in mine if isinstance(why, Raised)]
+            if n >= BROKEN_MIN_SAMPLES and len(raised) == n:
                 raise RewardFunctionError(
-                    f"reward {name!r} raised on all {n} samples of the batch, e.g. "
-                    f"{raised[0].split(' failed: ', 1)[1]}; fix the function (one that fails on "
-                    "some samples scores 0 there)")
-            logger.warning("reward %r failed on %d of %d samples (scored 0), e.g. %s", name,
-                           len(mine), n, mine[0])
+                    f"reward {name!r} raised on all {n} samples of the batch, e.g. {raised[0]}; "
+                    "fix the function (one that fails on some samples scores 0 there)")
+            i, why = mine[0]
+            logger.warning("reward %r failed on %d of %d samples (scored 0), e.g. sample %d: %s",
+                           name, len(mine), n, i, why)
 
     def _run_pool(self, tasks: list[tuple[int, int]], samples: list[RewardInput],
                   results: dict[tuple[int, int], tuple[bool, Any]]) -> None:
