@@ -1,9 +1,11 @@
-"""`megatron-rl submit CONFIG [--set K=V] [--dry-run] [--convert SRC DST]`: render an sbatch
-script from a run config and submit it to Slurm (the job is `megatron_rl.launch.slurm`)."""
+"""`megatron-rl submit CONFIG [--set K=V] [--dry-run] [--convert SRC DST | --rehearse]`: render an
+sbatch script from a run config and submit it to Slurm (the job is `megatron_rl.launch.slurm`;
+a rehearsal's config is `megatron_rl.launch.rehearse`)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +27,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="submit a multi-node HF -> Megatron conversion (megatron-rl convert hf-to-mcore "
         "SRC DST) on the config's nodes and parallel layout instead of training",
     )
+    parser.add_argument(
+        "--rehearse", action="store_true",
+        help="rehearse the config on one node of 4 CPU ranks: the model shrunk (every "
+        "architectural feature kept), the layout scaled to 4 ranks, `megatron-rl serve` "
+        "engines, synthetic data, a few steps; --set overrides apply to the rehearsal",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,9 +41,21 @@ def run(args: argparse.Namespace) -> int:
     from megatron_rl.launch import slurm  # the run config imports torch: keeps --help light
 
     # a bad config or file (ValueError, OSError): one line, exit 1 (megatron_rl.cli.errors)
-    workdir = slurm.job_workdir(args.config, args.overrides, Path.cwd())
-    convert = tuple(args.convert) if args.convert else None
-    job = slurm.build(args.config, args.overrides, workdir, convert=convert)
+    if args.rehearse and args.convert:
+        print("megatron-rl submit: give one of --rehearse and --convert", file=sys.stderr)
+        return 2
+    with contextlib.ExitStack() as stack:
+        config, source = args.config, None
+        if args.rehearse:
+            from megatron_rl.launch import rehearse
+
+            config, notes = stack.enter_context(rehearse.rehearsal_file(args.config))
+            source = " ".join([args.config, "--rehearse", *(f"--set {o}" for o in args.overrides)])
+            for line in notes:
+                print(f"megatron-rl submit --rehearse: {line}", file=sys.stderr)
+        workdir = slurm.job_workdir(config, args.overrides, Path.cwd())
+        convert = tuple(args.convert) if args.convert else None
+        job = slurm.build(config, args.overrides, workdir, convert=convert, source=source)
     if args.dry_run:
         print(job.script, end="")
         print(f"megatron-rl submit: dry run; to submit it by hand: mkdir -p "

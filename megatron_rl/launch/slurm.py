@@ -160,44 +160,83 @@ def _torchrun(slurm: SlurmConfig, nodes: int) -> list[str]:
     ]
 
 
-def _engine_commands(cfg: RunConfig, slurm: SlurmConfig) -> tuple[list[str], int]:
+# `megatron-rl serve --config` loads the job's config as one process: the trainer's layout off.
+_SERVE_LAYOUT = ("parallel.tp=1", "parallel.pp=1", "parallel.cp=1", "parallel.ep=1",
+                 "parallel.etp=null", "parallel.dp=null", "parallel.virtual_pp=null",
+                 "parallel.pp_last_stage_layers=null", "parallel.sequence_parallel=null")
+
+
+def _engines_per_node(slurm: SlurmConfig) -> int:
+    """Engine servers per node: SGLang's `gpus_per_node / engine_tp` (1 when an engine spans
+    nodes); `megatron-rl serve` (CPU) one per `engine_tp` of the node's trainer ranks."""
+    if slurm.engine_server == "megatron-rl" or slurm.gpus_per_node == 0:
+        return max(1, slurm.ranks_per_node // slurm.engine_tp)
+    return slurm.engines_per_node
+
+
+def _engine_commands(cfg: RunConfig, slurm: SlurmConfig, colocated: bool
+                     ) -> tuple[list[str], int]:
     """Server commands for the engines of one group of nodes (run via `bash -c`, with `$0` the
     group's first host and `$SLURM_PROCID` the node's rank in the group), and the group size.
-    An engine wider than a node spans `engine_tp / gpus_per_node` nodes (SGLang --nnodes)."""
+    An engine wider than a node spans `engine_tp / gpus_per_node` nodes (SGLang --nnodes).
+    `colocated`: beside the trainer on its GPUs, so SGLang can release its memory."""
     extra = " ".join(_q(a) for a in slurm.engine_args)
-    if slurm.engine_server == "megatron-rl":
-        return [f'"$python" -m megatron_rl serve --config "$config" --host 0.0.0.0 '
-                f"--port {slurm.engine_port} {extra}"], 1
+    if slurm.engine_server == "megatron-rl" or not slurm.gpus_per_node:
+        sets = " ".join(f"--set {s}" for s in _SERVE_LAYOUT)
+        return [f'"$python" -m megatron_rl serve --config "$config" {sets} --host 0.0.0.0 '
+                f"--port {slurm.engine_port + i} {extra}".rstrip()
+                for i in range(_engines_per_node(slurm))], 1
     model = slurm.engine_model_path or cfg.checkpoint.load
     if not model:
         raise ConfigError("config error: slurm.engine_model_path: SGLang engines need a Hugging "
                           "Face model to start from; set it or checkpoint.load")
     base = (f'"$python" -m sglang.launch_server --model-path {_q(model)} --tp-size '
             f"{slurm.engine_tp} --ep-size {slurm.engine_ep} --host 0.0.0.0")
+    if colocated:
+        base += " --enable-memory-saver"
     if slurm.engine_tp > slurm.gpus_per_node:
         group = slurm.engine_tp // slurm.gpus_per_node
         return [f'{base} --port {slurm.engine_port} --nnodes {group} --node-rank "$SLURM_PROCID"'
-                f' --dist-init-addr "$0:{slurm.engine_port + 1000}" {extra}'], group
+                f' --dist-init-addr "$0:{slurm.engine_port + 1000}" {extra}'.rstrip()], group
     cmds = []
-    for i in range(slurm.engines_per_node):
+    for i in range(_engines_per_node(slurm)):
         gpus = ",".join(str(g) for g in range(i * slurm.engine_tp, (i + 1) * slurm.engine_tp))
-        cmds.append(f"CUDA_VISIBLE_DEVICES={gpus} {base} --port {slurm.engine_port + i} {extra}")
+        cmds.append(f"CUDA_VISIBLE_DEVICES={gpus} {base} --port {slurm.engine_port + i} "
+                    f"{extra}".rstrip())
     return cmds, 1
 
 
+def _starts_engines(cfg: RunConfig) -> bool:
+    """The job starts engine servers: on nodes of their own, or colocated on the trainer nodes
+    for `rollout.engine=sglang` without given `rollout.engine_urls`."""
+    slurm: SlurmConfig = cfg.slurm
+    return bool(slurm.engine_nodes) or (cfg.rollout.engine == "sglang"
+                                         and not cfg.rollout.engine_urls)
+
+
 def _engines(cfg: RunConfig, slurm: SlurmConfig, workdir: Path) -> list[str]:
-    """Engine servers on the last `engine_nodes` nodes, their URLs, and a wait until healthy."""
-    cmds, group = _engine_commands(cfg, slurm)
+    """Engine servers on the last `engine_nodes` nodes, or with none of those on the trainer
+    nodes (colocated: a step beside the trainer's, `--overlap`); their URLs, and a wait until
+    healthy."""
+    colocated = not slurm.engine_nodes
+    cmds, group = _engine_commands(cfg, slurm, colocated)
+    nodes = slurm.trainer_nodes if colocated else slurm.engine_nodes
+    if nodes % group:
+        raise ConfigError(f"config error: slurm.engine_tp: an engine of {slurm.engine_tp} GPUs "
+                          f"spans {group} nodes, which does not divide the {nodes} nodes that "
+                          "run engines", f"use a multiple of {group} nodes")
     # SIGUSR1 is for the trainer; each group's first host serves its engines' ports.
     node_cmd = 'trap "" USR1; ' + " & ".join(cmds) + " & wait"
     ports = " ".join(f'"http://${{grp[0]}}:{slurm.engine_port + i}"' for i in range(len(cmds)))
-    srun = _srun(slurm, group, '$(IFS=,; echo "${grp[*]}")', workdir)
+    srun = _srun(slurm, group, '$(IFS=,; echo "${grp[*]}")', workdir, overlap=colocated)
+    hosts = "train_hosts" if colocated else "engine_hosts"
     return [
-        f'engine_hosts=("${{hosts[@]: -{slurm.engine_nodes}}}")',
+        f'engine_hosts=("${{hosts[@]: -{slurm.engine_nodes}}}")' if not colocated else
+        "# colocated: the engines run on the trainer nodes, in a step beside the trainer's",
         f'train_hosts=("${{hosts[@]:0:{slurm.trainer_nodes}}}")',
         "engine_pids=() engine_urls=()",
-        f"for ((e = 0; e < {slurm.engine_nodes}; e += {group})); do",
-        f'  grp=("${{engine_hosts[@]:e:{group}}}")',
+        f"for ((e = 0; e < {nodes}; e += {group})); do",
+        f'  grp=("${{{hosts}[@]:e:{group}}}")',
         f'  {srun} bash -c {_q(node_cmd)} "${{grp[0]}}" &',
         "  engine_pids+=($!)",
         f"  engine_urls+=({ports})",
@@ -211,6 +250,7 @@ def _engines(cfg: RunConfig, slurm: SlurmConfig, workdir: Path) -> list[str]:
         '  curl -sf "$url/health" >/dev/null || { echo "[submit] $url not healthy" >&2; exit 1; }',
         "done",
         'urls_yaml="[$(IFS=,; echo "${engine_urls[*]}")]"',
+        'echo "[submit] engines healthy: $urls_yaml"',
     ]
 
 
@@ -225,9 +265,14 @@ def render(cfg: RunConfig, source: str, workdir: Path) -> str:
     lines += [f"export config={config_file}", f"cat >\"$config\" <<'{CONFIG_EOF}'",
               text.rstrip("\n"), CONFIG_EOF, ""]
     train_sets = ""
-    if slurm.engine_nodes:
+    engines = _starts_engines(cfg)
+    if engines:
         lines += _engines(cfg, slurm, workdir)
-        train_sets = ' --set rollout.engine=sglang --set "rollout.engine_urls=$urls_yaml"'
+        # engines on nodes of their own never share the trainer's devices; colocated ones do
+        # unless the config says otherwise (rollout.colocate=false: only their host)
+        colocate = not slurm.engine_nodes and cfg.rollout.colocate is not False
+        train_sets = (' --set rollout.engine=sglang --set "rollout.engine_urls=$urls_yaml"'
+                      f" --set rollout.colocate={str(colocate).lower()}")
         nodelist = '$(IFS=,; echo "${train_hosts[*]}")'
     else:
         nodelist = '$SLURM_JOB_NODELIST'
@@ -262,7 +307,7 @@ def render(cfg: RunConfig, source: str, workdir: Path) -> str:
         "fi",
         f'echo "[submit] finished {steps} steps"',
     ]
-    if slurm.engine_nodes:
+    if engines:
         lines.append('kill "${engine_pids[@]}" 2>/dev/null || true')
     return "\n".join(lines) + "\n"
 
@@ -314,10 +359,11 @@ def job_workdir(path: str | None, overrides: list[str], cwd: Path) -> Path:
 
 
 def build(path: str, overrides: list[str], workdir: Path,
-          convert: tuple[str, str] | None = None) -> Job:
+          convert: tuple[str, str] | None = None, source: str | None = None) -> Job:
     """Render the job for the config at `path` with `overrides`: training, or with `convert`
-    (SRC, DST) a conversion on the config's nodes and layout. Raises ConfigError."""
-    source = " ".join([path, *(f"--set {o}" for o in overrides)])
+    (SRC, DST) a conversion on the config's nodes and layout; `source` names where the config
+    came from in the script (default: `path` and the overrides). Raises ConfigError."""
+    source = source or " ".join([path, *(f"--set {o}" for o in overrides)])
     if convert:
         src, dst = (str(_abs(p, workdir)) for p in convert)
         cfg = load_job_config(path, overrides, workdir, all_nodes=True)
