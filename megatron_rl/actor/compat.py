@@ -6,7 +6,9 @@ and only when `torch.cuda.is_available()` is False, so every other module of our
 Megatron-Core code that runs unchanged on GPUs. docs/design.md section 2 lists what was verified.
 `backend_summary()` says in one line what runs (CUDA or this layer, collectives, Transformer
 Engine, kernels); the model build prints it once per process, in place of Megatron-Core's Apex /
-TE fallback warnings, which `megatron_rl.actor` filters.
+TE fallback warnings, which `megatron_rl.actor` filters. `fusion_settings` decides Megatron's
+fusions, grouped GEMM and layer implementation from what `probe_device` finds: on where CUDA and
+the kernels' provider (Transformer Engine, Apex) are present, off under this layer.
 
 The patches:
 - a `TorchFunctionMode` mapping `device="cuda"`, `"cuda:N"` and integer devices to CPU, and
@@ -26,6 +28,7 @@ The patches:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import importlib.metadata
 import importlib.util
@@ -37,6 +40,8 @@ import torch
 import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
+from megatron_rl.actor.config import ActorConfig, ModelConfig
+from megatron_rl.configurable import config_error
 from megatron_rl.kernels.dispatch import triton_can_run
 
 _ACTIVE = False
@@ -58,6 +63,107 @@ def te_available() -> bool:
 def needed() -> bool:
     """The compat layer is needed exactly when CUDA is absent."""
     return not torch.cuda.is_available()
+
+
+@dataclasses.dataclass(frozen=True)
+class Device:
+    """What this process can run, as far as Megatron's fusions care (`probe_device` fills it;
+    tests build it as a CUDA run would). Every kernel flag counts only together with `cuda`."""
+
+    cuda: bool
+    """CUDA is present: the CPU compatibility layer is not needed."""
+    te: bool = False
+    """Transformer Engine really imports: its layer spec builds the layers."""
+    te_grouped_gemm: bool = False
+    """TE's grouped linear, Megatron's `TEColumnParallelGroupedLinear` (TEGroupedMLP)."""
+    te_permute: bool = False
+    """TE's fused MoE permutation kernels as Megatron's `moe_utils` imports them (TE >= 2.1)."""
+    te_rope: bool = False
+    """TE's fused RoPE as Megatron's `rope_utils` imports it (TE >= 1.4)."""
+    mla_rope: bool = False
+    """Megatron's Triton MLA YaRN RoPE kernels (`fused_apply_mla_rope_for_q`)."""
+    apex_grad_accum: bool = False
+    """Apex's `fused_weight_gradient_mlp_cuda` extension."""
+
+    def describe(self) -> str:
+        """A few words for error messages."""
+        if not self.cuda:
+            return "this process runs on the CPU compatibility layer (no CUDA)"
+        return ("this process has CUDA, " + ("Transformer Engine" if self.te else
+                "no Transformer Engine") + (", Apex" if self.apex_grad_accum else ", no Apex"))
+
+
+_PERMUTE_KERNELS = ("fused_permute", "fused_permute_with_probs", "fused_sort_chunks_by_index",
+                    "fused_sort_chunks_by_index_with_probs", "fused_unpermute")
+"""The `moe_utils` names that Megatron's `TransformerConfig` requires for moe_permute_fusion."""
+
+
+def probe_device() -> Device:
+    """What this process can run, read from Megatron-Core's own imports (the same names its
+    `TransformerConfig` and layers check); imports nothing TE-related without CUDA and TE."""
+    if needed():
+        return Device(cuda=False)
+    from megatron.core.transformer import multi_latent_attention
+
+    mla_rope = getattr(multi_latent_attention, "fused_apply_mla_rope_for_q", None) is not None
+    apex = importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
+    if not te_available():
+        return Device(cuda=True, mla_rope=mla_rope, apex_grad_accum=apex)
+    from megatron.core.extensions import transformer_engine as mte
+    from megatron.core.models.common.embeddings import rope_utils
+    from megatron.core.transformer.moe import moe_utils
+
+    return Device(
+        cuda=True,
+        te=True,
+        te_grouped_gemm=getattr(mte, "TEColumnParallelGroupedLinear", None) is not None,
+        te_permute=all(getattr(moe_utils, n, None) is not None for n in _PERMUTE_KERNELS),
+        te_rope=getattr(rope_utils, "fused_apply_rotary_pos_emb", None) is not None,
+        mla_rope=mla_rope,
+        apex_grad_accum=apex,
+    )
+
+
+def fusion_settings(actor: ActorConfig, model: ModelConfig, device: Device) -> dict[str, Any]:
+    """Megatron `TransformerConfig` kwargs that follow the device: the layer implementation (TE
+    with CUDA and a real TE import, else local; `spec.decoder_block_spec` reads it) and each
+    fusion. A fusion field None is on exactly where `device` supports it (MLA's experimental
+    RoPE fusion: only when set); false is honoured; true where unsupported is a ConfigError
+    naming the field. MoE-only settings are left out for a dense model."""
+    cuda, te = device.cuda, device.cuda and device.te
+    if model.multi_latent_attention:
+        # Megatron: MLA's RoPE fusion is a Triton kernel for YaRN only, and "experimental".
+        rope_ok = cuda and device.mla_rope and model.rope_scaling == "yarn"
+        rope = (rope_ok, False, "CUDA, Triton and model.rope_scaling=yarn (MLA)")
+    else:
+        rope_ok = te and device.te_rope
+        rope = (rope_ok, rope_ok, "CUDA and Transformer Engine >= 1.4 (fused RoPE)")
+    grouped, permute = te and device.te_grouped_gemm, te and device.te_permute
+    grad_accum = cuda and device.apex_grad_accum
+    # our field -> Megatron's field, (supported, value when None, what it needs)
+    table = {
+        "grouped_gemm": ("moe_grouped_gemm",
+                         (grouped, grouped, "CUDA and Transformer Engine's grouped linear")),
+        "permute_fusion": ("moe_permute_fusion",
+                           (permute, permute, "CUDA and Transformer Engine >= 2.1")),
+        "rope_fusion": ("apply_rope_fusion", rope),
+        "bias_dropout_fusion": ("bias_dropout_fusion", (cuda, cuda, "CUDA")),
+        "masked_softmax_fusion": ("masked_softmax_fusion",
+                                  (te, te, "CUDA and Transformer Engine")),
+        "gradient_accumulation_fusion": (
+            "gradient_accumulation_fusion",
+            (grad_accum, grad_accum, "CUDA and Apex's fused_weight_gradient_mlp_cuda (Megatron's "
+             "output layer is a local linear even with Transformer Engine)")),
+    }
+    settings: dict[str, Any] = {"transformer_impl": "transformer_engine" if te else "local"}
+    for name, (megatron_name, (supported, auto, needs)) in table.items():
+        wanted = getattr(actor, name)
+        if wanted and not supported:
+            raise config_error(f"actor.{name}", f"is true but needs {needs}; {device.describe()}",
+                               f"set actor.{name}=null (on where supported) or false")
+        if model.num_experts or not megatron_name.startswith("moe_"):
+            settings[megatron_name] = auto if wanted is None else wanted
+    return settings
 
 
 def _te_version() -> str | None:

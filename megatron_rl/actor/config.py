@@ -294,6 +294,30 @@ class ActorConfig:
     """Backend of the fused log-prob and policy-loss kernels: auto = Triton on CUDA tensors (or
     under TRITON_INTERPRET=1), torch otherwise; triton = fail if Triton cannot run; torch = the
     torch implementations (the policy loss of `megatron_rl.algorithms`, the reference)."""
+    # Megatron-Core fusions: None = on where this process can run them (CUDA, plus Transformer
+    # Engine or Apex as each needs), off under the CPU compatibility layer; true where the device
+    # cannot is a config error at model build; false is honoured. Decided by
+    # `actor.compat.fusion_settings`.
+    grouped_gemm: bool | None = None
+    """MoE: a rank's experts in one grouped GEMM (Megatron's moe_grouped_gemm, TE's grouped
+    linear); None = on with CUDA and Transformer Engine."""
+    permute_fusion: bool | None = None
+    """MoE: fused token permutation in the dispatcher (Megatron's moe_permute_fusion, TE >= 2.1);
+    None = on with CUDA and Transformer Engine."""
+    rope_fusion: bool | None = None
+    """Fused RoPE kernel (Megatron's apply_rope_fusion: TE's kernel; with MLA a Triton kernel
+    Megatron calls experimental, YaRN only); None = on with CUDA and Transformer Engine, off
+    with MLA unless set true."""
+    bias_dropout_fusion: bool | None = None
+    """Fused bias-dropout-add after attention and MLP (Megatron's, torch.compile'd); None = on
+    with CUDA."""
+    masked_softmax_fusion: bool | None = None
+    """Megatron's fused scale-mask-softmax (read by its local attention; TE's attention and torch
+    SDPA fuse the softmax themselves); None = on with CUDA and Transformer Engine."""
+    gradient_accumulation_fusion: bool | None = None
+    """Weight gradients accumulated into the fp32 main grads inside the GEMM (Megatron's
+    gradient_accumulation_fusion); needs Apex's fused_weight_gradient_mlp_cuda, which Megatron's
+    output layer uses even with TE; None = on with CUDA and that extension."""
 
     def validate(self) -> None:
         """Ranges of optimizer and batching settings."""

@@ -70,15 +70,17 @@ def _moe_kwargs(model: ModelConfig) -> dict:
         moe_layer_freq=model.moe_layer_freq,
         moe_token_dispatcher_type=model.moe_token_dispatcher_type,
         moe_router_dtype="fp32",
-        moe_grouped_gemm=False,
-        moe_permute_fusion=False,
     )
 
 
 def transformer_config(
-    model: ModelConfig, parallel: ParallelConfig, actor: ActorConfig
+    model: ModelConfig, parallel: ParallelConfig, actor: ActorConfig,
+    device: compat.Device | None = None,
 ) -> TransformerConfig:
-    """Our configs -> Megatron-Core `TransformerConfig` (the only place this happens)."""
+    """Our configs -> Megatron-Core `TransformerConfig` (the only place this happens). The layer
+    implementation, grouped GEMM and fusions follow `device` (default: this process, probed) as
+    `compat.fusion_settings` decides."""
+    device = device if device is not None else compat.probe_device()
     dtype = _DTYPES[actor.params_dtype]
     cls, mla = TransformerConfig, {}
     if model.multi_latent_attention:
@@ -119,11 +121,8 @@ def transformer_config(
         expert_model_parallel_size=parallel.ep,
         expert_tensor_parallel_size=parallel.etp if parallel.etp is not None else parallel.tp,
         sequence_parallel=bool(parallel.sequence_parallel),
-        # Fusions are CUDA kernels; the portable spec uses plain torch.
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        masked_softmax_fusion=False,
-        gradient_accumulation_fusion=False,
+        # Apex's persistent LayerNorm (our norms are RMSNorm) and the fused cross entropy of
+        # GPTModel's own loss (we compute log-probs with `kernels/`) are never used.
         persist_layer_norm=False,
         cross_entropy_loss_fusion=False,
         # Batched p2p issues send_prev before send_next; gloo matches messages between two ranks
@@ -135,6 +134,7 @@ def transformer_config(
         cuda_graph_scope=[],
         **_recompute_kwargs(actor),
         **_moe_kwargs(model),
+        **compat.fusion_settings(actor, model, device),
         **mla,
     )
 

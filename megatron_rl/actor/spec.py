@@ -1,5 +1,7 @@
-"""Layer specs: Transformer Engine's when it is really importable (GPU), otherwise our portable
-spec built from Megatron-Core's local modules plus `layers.RMSNorm` and `layers.SDPACoreAttention`.
+"""Layer specs: Transformer Engine's where the config says `transformer_impl="transformer_engine"`
+(CUDA and a real TE import, decided with the fusions by `compat.fusion_settings`), otherwise our
+portable spec built from Megatron-Core's local modules plus `layers.RMSNorm` and
+`layers.SDPACoreAttention`. Grouped GEMM follows `config.moe_grouped_gemm` in both.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ from megatron.core.transformer.transformer_layer import (
     get_transformer_layer_offset,
 )
 
-from megatron_rl.actor import compat
 from megatron_rl.actor.layers import RMSNorm, SDPACoreAttention
 
 
@@ -78,7 +79,9 @@ def portable_layer_spec(config: TransformerConfig, moe: bool) -> ModuleSpec:
     backend = PortableSpecProvider()
     if moe:
         mlp = get_moe_module_spec_for_backend(
-            backend=backend, num_experts=config.num_moe_experts, moe_grouped_gemm=False
+            backend=backend,
+            num_experts=config.num_moe_experts,
+            moe_grouped_gemm=config.moe_grouped_gemm,
         )
     else:
         mlp = ModuleSpec(
@@ -114,9 +117,10 @@ def moe_layer_pattern(config: TransformerConfig) -> list[int]:
 def decoder_block_spec(
     config: TransformerConfig, use_te: bool | None = None, vp_stage: int | None = None
 ) -> TransformerBlockSubmodules:
-    """The layers this pipeline stage (and virtual stage) builds."""
+    """The layers this pipeline stage (and virtual stage) builds: TE's or the portable ones, as
+    `config.transformer_impl` says unless `use_te` overrides it."""
     if use_te is None:
-        use_te = not compat.needed() and compat.te_available()
+        use_te = config.transformer_impl == "transformer_engine"
     if use_te:
         # the TE layer specs: imported only when Transformer Engine builds the layers
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
