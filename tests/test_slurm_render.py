@@ -29,6 +29,15 @@ CASES = {  # name: (config, overrides, trainer nodes, ranks per node)
     "gpu_4x8": ("configs/tiny_moe_cpu.yaml", GPU_LAYOUT, 4, 8),
     "engines_per_node": ("configs/tiny_moe_cpu.yaml", [*ENGINES, "slurm.engine_tp=2"], 2, 8),
     "engines_multi_node": ("configs/tiny_moe_cpu.yaml", [*ENGINES, "slurm.engine_tp=16"], 2, 8),
+    # colocated engines (engine_nodes 0, rollout.engine sglang): started on the trainer nodes
+    "colocated_cpu": ("configs/tiny_moe_cpu.yaml", ["rollout.engine=sglang",
+                                                    "slurm.nproc_per_node=2",
+                                                    "slurm.engine_tp=1"], 1, 2),
+    "colocated_gpu": ("configs/tiny_moe_cpu.yaml", [*GPU_LAYOUT, "rollout.engine=sglang",
+                                                    "slurm.engine_tp=4",
+                                                    "checkpoint.load=/models/hf"], 4, 8),
+    "cpu_engine_nodes": ("configs/tiny_moe_cpu.yaml", ["slurm.nodes=2", "slurm.engine_nodes=1",
+                                                       "slurm.engine_server=megatron-rl"], 1, 1),
     "qwen3_30b_a3b_h100": ("configs/qwen3_30b_a3b_h100.yaml", [], None, 8),
     "deepseek_v3_h100": ("configs/deepseek_v3_h100.yaml", [], None, 8),
 }
@@ -79,12 +88,26 @@ def test_rendered_script(case: str, capsys: pytest.CaptureFixture[str], tmp_path
     assert "trap forward_stop USR1" in script and 'scontrol requeue "$SLURM_JOB_ID"' in script
     assert f"{ROOT}/outputs/slurm/{slurm.job_name}/checkpoints/latest" in script
     assert ("--container-image=" in script) == (slurm.container_image is not None)
-    if slurm.engine_nodes:
+    colocated = not slurm.engine_nodes and cfg.rollout.engine == "sglang"
+    if slurm.engine_nodes or colocated:
         assert "rollout.engine_urls=$urls_yaml" in script and "/health" in script
-        span = max(1, slurm.engine_tp // slurm.gpus_per_node)
-        assert script.count("sglang.launch_server") == (
-            1 if span > 1 else slurm.gpus_per_node // slurm.engine_tp)
-        assert ("--nnodes " + str(span) in script) == (span > 1)
+        assert f"--set rollout.colocate={str(colocated).lower()}" in script
+        # colocated engines run in a step beside the trainer's (srun --overlap)
+        assert ('echo "${grp[*]}")" --overlap' in script) == colocated
+        nodes = train_nodes if colocated else slurm.engine_nodes
+        if slurm.gpus_per_node and slurm.engine_server == "sglang":
+            span = max(1, slurm.engine_tp // slurm.gpus_per_node)
+            assert script.count("sglang.launch_server") == (
+                1 if span > 1 else slurm.gpus_per_node // slurm.engine_tp)
+            assert ("--nnodes " + str(span) in script) == (span > 1)
+            assert ("--enable-memory-saver" in script) == colocated  # releases memory
+            assert f"for ((e = 0; e < {nodes}; e += {span})); do" in script
+        else:  # CPU: `megatron-rl serve` of the job's config, one per engine_tp trainer ranks
+            per_node = max(1, slurm.ranks_per_node // slurm.engine_tp)
+            assert script.count('-m megatron_rl serve --config "$config"') == per_node
+            assert "--set parallel.tp=1 --set parallel.pp=1" in script
+    else:
+        assert "rollout.engine_urls=" not in script and "/health" not in script
 
     # The embedded config is the resolved one, paths keyed by job name; it reads back equal.
     embedded = script.split(f"<<'{CONFIG_EOF}'\n", 1)[1].split(f"\n{CONFIG_EOF}\n", 1)[0]

@@ -161,6 +161,14 @@ def rehearsal_data(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     actor.update(params_dtype="float32", optimizer_cpu_offload=False, seq_length=128,
                  micro_batch_size=min(int(actor.get("micro_batch_size", 1)), 2), lr=1e-3)
     out["actor"] = actor
+    replay = bool((out.get("rollout") or {}).get("routing_replay"))
+    if replay and actor.get("recompute", "none") != "none":
+        # Mirrors actor/replay.py's refusal (recomputed routers would need REPLAY_BACKWARD):
+        # said loudly, since the config as written stops at its first step on the cluster too.
+        notes.append(f"WARNING: routing replay with actor.recompute={actor['recompute']} is "
+                     "refused by the trainer (actor/replay.py): the config as written fails; "
+                     "rehearsing with actor.recompute=none")
+        actor["recompute"] = "none"
     rollout = dict(out.get("rollout") or {})
     own_nodes = int(slurm.get("engine_nodes", 0)) > 0
     rollout.update(prompts_per_step=2, n_samples_per_prompt=4, max_new_tokens=16,
