@@ -1,5 +1,6 @@
 """`megatron-rl plan CONFIG [--gpus N] [hardware flags]`: per-GPU memory and step time of a
-config, on paper (the planner is `megatron_rl.launch.plan`)."""
+config, on paper, and whether the trainer would start it (the planner is
+`megatron_rl.launch.plan`, the settings check `megatron_rl.launch.support`)."""
 
 from __future__ import annotations
 
@@ -57,8 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run `megatron-rl plan`: print the table; exit 0 whether or not it fits (a bad config is
-    one line and exit 1, as for every subcommand: `megatron_rl.cli.errors`)."""
+    """Run `megatron-rl plan`: print the table; exit 0 whatever the verdict (FITS, DOES NOT
+    FIT, or CANNOT START naming each setting the trainer would refuse: the table is the
+    answer); a config that does not load is one line and exit 1, as for every subcommand
+    (`megatron_rl.cli.errors`)."""
     from megatron_rl.config import load_config
 
     world, per_node = _world_size(args.config, args.overrides, args.gpus)

@@ -36,6 +36,11 @@ GPUs' peak: 2*activated*tokens for generation (at the rollout MFU: decoding is b
 (NVLink colocated, InfiniBand separate): every GPU of an engine receives the whole model as
 gathered HF tensors, as slime's and our bucketed weight sync do. Attention FLOPs (the s^2 term)
 are left out.
+
+Verdict: FITS when both phases fit and every setting is one the trainer path runs on the target
+(`launch/support.unsupported`, checked for GPUs when the config is a GPU job, slurm.gpus_per_node
+> 0, else for a machine without CUDA); otherwise DOES NOT FIT (memory) or CANNOT START, one line
+per setting the trainer would refuse, followed by the memory verdict.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from typing import TYPE_CHECKING
 
 from megatron_rl.actor.config import ModelConfig, padded_vocab_size
 from megatron_rl.configurable import ConfigError
+from megatron_rl.launch.support import Unsupported, unsupported
 
 if TYPE_CHECKING:  # the run config imports torch; the planner needs only its fields
     from megatron_rl.config import RunConfig
@@ -336,6 +342,8 @@ class Plan:
     times: dict[str, float]
     """Seconds per phase of one step."""
     sync_bytes: float
+    unsupported: tuple[Unsupported, ...] = ()
+    """Settings the trainer path would refuse on the target (`launch/support.py`)."""
 
     @property
     def capacity(self) -> float:
@@ -355,8 +363,14 @@ class Plan:
 
     @property
     def fits(self) -> bool:
-        """Both phases fit, and the KV cache holds at least one full-length sequence."""
+        """Both phases fit, and the KV cache holds at least one full-length sequence (memory
+        only: `can_start` says whether the trainer would run the config at all)."""
         return min(self.spare.values()) >= 0 and self.kv_tokens >= self.seq_length
+
+    @property
+    def can_start(self) -> bool:
+        """No setting the trainer path would refuse."""
+        return not self.unsupported
 
 
 def _stage_layers(num_layers: int, pp: int, last: int | None) -> list[int]:
@@ -453,8 +467,9 @@ def make_plan(cfg: RunConfig, hw: Hardware) -> Plan:
         "train": train_factor * flops / (peak * hw.mfu * lay.world),
         "weight sync": sync_bytes / (link * 1e9),
     }
+    refused = tuple(unsupported(cfg, cuda=cfg.slurm.gpus_per_node > 0))
     return Plan(counts, lay, hw, worst, eng, engine_weights, pool, kv_tokens,
-                step_tokens, actor.seq_length, times, sync_bytes)
+                step_tokens, actor.seq_length, times, sync_bytes, refused)
 
 
 # --------------------------------------------------------------------------------------------
@@ -525,8 +540,8 @@ def _memory_rows(plan: Plan, cfg: RunConfig) -> list[str]:
     ]
 
 
-def verdict(plan: Plan) -> str:
-    """One line: fits, or does not fit and by how many GiB."""
+def _memory_verdict(plan: Plan) -> str:
+    """Fits, or does not fit and by how many GiB (without the leading word)."""
     spare = plan.spare
     seqs = plan.kv_tokens * plan.engine.count / plan.step_tokens
     kv = (f"the KV caches hold {min(seqs, 1.0):.0%} of the step's sequences at full length"
@@ -535,10 +550,22 @@ def verdict(plan: Plan) -> str:
           f"weights per GPU (slurm.engine_tp) or raise --mem-fraction-static in "
           f"slurm.engine_args")
     if plan.fits:
-        return (f"verdict  FITS: {spare['train'] / GIB:.2f} GiB spare in training, "
+        return (f"FITS: {spare['train'] / GIB:.2f} GiB spare in training, "
                 f"{spare['rollout'] / GIB:.2f} GiB in generation; {kv}")
     over = [f"{phase} by {-v / GIB:.2f} GiB" for phase, v in spare.items() if v < 0]
-    return f"verdict  DOES NOT FIT: over in {', '.join(over) or 'no phase'}; {kv}"
+    return f"DOES NOT FIT: over in {', '.join(over) or 'no phase'}; {kv}"
+
+
+def verdict(plan: Plan) -> str:
+    """`verdict  FITS: ...` or `verdict  DOES NOT FIT: ...` (memory); when a setting cannot
+    start, one `verdict  CANNOT START: key=value: why; fix` line per setting, then the memory's
+    verdict on a `memory` line (lower case: it is not the verdict)."""
+    memory = _memory_verdict(plan)
+    if plan.can_start:
+        return f"verdict  {memory}"
+    head, _, rest = memory.partition(":")
+    lines = [f"verdict  CANNOT START: {item}" for item in plan.unsupported]
+    return "\n".join([*lines, f"memory   {head.lower()}:{rest}"])
 
 
 def render(plan: Plan, cfg: RunConfig, path: str) -> str:
@@ -547,7 +574,9 @@ def render(plan: Plan, cfg: RunConfig, path: str) -> str:
     lines = _header(plan, cfg, path)
     if cfg.rollout.engine != "sglang" or not cfg.slurm.gpus_per_node:
         lines.append("note     a CPU config (no slurm.gpus_per_node, or the embedded engine): the "
-                     "figures show what it would take on the GPUs assumed")
+                     "figures show what it would take on the GPUs assumed"
+                     + ("" if cfg.slurm.gpus_per_node else "; its settings are checked for a "
+                        "machine without CUDA"))
     lines += [""] + _memory_rows(plan, cfg) + [verdict(plan), ""]
     samples = cfg.rollout.prompts_per_step * cfg.rollout.n_samples_per_prompt
     lines.append(f"step time, s (upper bound: {samples} samples x {plan.seq_length} tokens = "
