@@ -1,10 +1,12 @@
 """The RL loop (docs/design.md section 3), one line per verb in `Trainer.train_step`:
-sample (generate, reward, shape, filter) -> advantages -> batch -> old log-probs -> update ->
-weight sync -> metrics; checkpoints around it.
+to rollout (weight sync) -> sample (generate, reward, shape, filter) -> to training ->
+advantages -> batch -> old log-probs -> update -> metrics; checkpoints around it.
 
-Colocated: rank 0 holds the rollout engine and the reward workers; every rank holds its shard
-of the Megatron-Core actor. Rank 0's samples are broadcast, and each data-parallel rank trains
-on its rows (`batching.split_updates`). Process-group work lives behind `Actor` methods.
+Rank 0 holds the rollout engines (in-process, or clients of served ones) and the reward
+workers; every rank holds its shard of the Megatron-Core actor. With colocated engines the
+devices change hands twice a step (`to_rollout`, `to_training`). Rank 0's samples are
+broadcast, and each data-parallel rank trains on its rows (`batching.split_updates`).
+Process-group work lives behind `Actor` methods.
 
 Checkpoints (`run_state`): every `checkpoint.save_interval` steps, at the end of `run()`, and when
 SIGTERM/SIGUSR1 arrives (Slurm's preemption warning; the step in flight finishes first). With
@@ -59,7 +61,7 @@ from megatron_rl.rewards.pool import column_names
 from megatron_rl.rollout.sampler import GroupSampler, reward_inputs
 from megatron_rl.rollout.store import load_rollouts, save_rollouts, saved_steps
 from megatron_rl.rollout.types import Sample
-from megatron_rl.rollout.weight_sync import sync_weights
+from megatron_rl.rollout.weight_sync import WeightSync, stage_writer
 
 MAX_NONFINITE_STEPS = 3
 """Consecutive steps with a non-finite loss or grad norm after which the run stops."""
@@ -166,6 +168,7 @@ class Trainer:
         if cfg.rollout.routing_replay:
             self.actor.enable_routing_replay()
         self.engines: list[Any] = []
+        self._phase = "start"  # colocation: "rollout" (engines hold the devices) or "train"
         if self.rank == 0:
             train = build_dataset(cfg.data, "train")
             self.tokenizer = build_tokenizer(cfg.data, cfg.model.vocab_size, train)
@@ -176,29 +179,70 @@ class Trainer:
                 self.engine = self.engines[0]  # evaluation generates here
                 self.reward_computer = RewardComputer(cfg.rewards)
                 self.sampler = self._sampler()
+        ro = cfg.rollout
+        self.weight_sync: WeightSync | None = None  # none without an engine (load_dir)
+        self._sync_to: list[Any] = []
+        if ro.load_dir is None:
+            self.weight_sync = WeightSync(
+                self.actor, ro.weight_sync, ro.weight_sync_bucket_mb * 2**20,
+                in_process=not ro.engine_urls, timeout_s=ro.request_timeout_s,
+                disk_dir=ro.weight_sync_dir or Path(cfg.train.output_dir) / "weights")
+            self._sync_to = self._sync_engines()
         self._restore()  # last: it restores the RNG that construction has drawn from
         self._check_saved_rollouts()
 
     def _engines(self) -> list[Any]:
-        """The rollout engines: the embedded one (colocated, the default), or a client per
-        server of `rollout.engine_urls` (SGLang or `megatron-rl serve`; the group sampler
-        spreads each step's prompts over them, weight sync updates them all)."""
+        """Rank 0's rollout engines: a client per server of `rollout.engine_urls` (SGLang or
+        `megatron-rl serve`; the group sampler spreads each step's prompts over them, weight
+        sync updates them all), or one in-process engine: SGLang's on a GPU, else the embedded
+        `TransformersEngine` (the default, and SGLang's stand-in on CPU)."""
         ro = self.cfg.rollout
-        if ro.engine == "sglang":
-            if not ro.engine_urls:
-                raise ValueError("rollout.engine=sglang: set rollout.engine_urls to the servers' "
-                                 "URLs (an SGLang engine inside the trainer process is not "
-                                 "supported yet; rollout.engine=transformers runs one)")
-            from megatron_rl.rollout.sglang_engine import SGLangEngine
-
-            engines = [SGLangEngine.from_config(ro, url) for url in ro.engine_urls]
+        if ro.engine_urls:
+            engines = self._engine_clients()
             for engine in engines:  # fail now, naming the host, not at the first step
                 engine.model_info()
             return engines
+        if ro.engine == "sglang":
+            engine = self._sglang_in_process()
+            if engine is not None:
+                return [engine]
         from megatron_rl.rollout.transformers_engine import TransformersEngine
 
         return [TransformersEngine.from_model_config(self.cfg.model, tokenizer=self.tokenizer,
                                                      timeout_s=ro.call_timeout_s)]
+
+    def _engine_clients(self) -> list[Any]:
+        """An HTTP client per `rollout.engine_urls` server."""
+        from megatron_rl.rollout.sglang_engine import SGLangEngine
+
+        ro = self.cfg.rollout
+        return [SGLangEngine.from_config(ro, url) for url in ro.engine_urls]
+
+    def _sglang_in_process(self) -> Any:
+        """SGLang's in-process engine on this rank's GPUs (`slurm.engine_tp`/`engine_ep`,
+        memory saver on when colocated), loading `checkpoint.load`; None without CUDA, where
+        the embedded engine stands in (said once)."""
+        if not torch.cuda.is_available():
+            self._say("rollout.engine=sglang without engine_urls: no CUDA here, so the embedded "
+                      "engine stands in for SGLang's in-process engine")
+            return None
+        from megatron_rl.rollout.sglang_engine import SGLangInProcessEngine
+
+        cfg = self.cfg
+        if not cfg.checkpoint.load:
+            raise ValueError("rollout.engine=sglang in-process loads checkpoint.load (an HF "
+                             "directory): set checkpoint.load")
+        return SGLangInProcessEngine(
+            model_path=cfg.checkpoint.load, tp_size=cfg.slurm.engine_tp,
+            ep_size=cfg.slurm.engine_ep, enable_memory_saver=cfg.rollout.colocated,
+            random_seed=cfg.train.seed)
+
+    def _sync_engines(self) -> list[Any]:
+        """The engines this rank delivers weights to: rank 0's own; with served engines, every
+        pipeline stage's writer holds clients of its own (docs/design.md section 6)."""
+        if self.rank == 0 or not self.cfg.rollout.engine_urls:
+            return self.engines
+        return self._engine_clients() if stage_writer(self.actor) else []
 
     def _sampler(self) -> GroupSampler:
         """The group sampler: prompts from the dataset, rewards from `self.reward`. It asks the
@@ -296,16 +340,17 @@ class Trainer:
         them (`reward`: the reward functions, then the overlong shaping column), and keep the
         groups dynamic sampling finds informative, until the step is full."""
         self.timer.restart()
-        self.sync_weights_if_stale()
+        sync = self.to_rollout()                              # engines: devices, new weights
         self.step += 1                                        # the step being run (1-based)
         samples, report = self.sample()                       # generate, reward, shape, filter
+        self.to_training()                                    # the actor: devices back
         if not samples:                                       # no informative group at all
             return self.skipped_step(report)
         advantages = self.advantages(samples)                 # per group, from rewards [B, K]
         updates = self.batch(samples, advantages)             # mini-batches of micro-batches
         routing = self.old_logprobs(updates)                  # ratio denominators (+ KL ref)
         result = self.update(updates)                         # one optimizer step each
-        sync = self.sync_weights() if result.updated else _NO_SYNC
+        self._engine_stale |= result.updated                  # synced before the next rollout
         return self.log_metrics(samples, report, result, sync, updates, routing)
 
     def sample(self) -> tuple[list[Sample], dict[str, float]]:
@@ -351,8 +396,7 @@ class Trainer:
         """Held-out pass@k, cons@k and avg@k of the current policy (`eval` section), generated
         by rank 0's engine; rows written to `<output_dir>/eval/step_<N>.jsonl`. The same
         metrics on every rank."""
-        if self._engine_stale:
-            self.sync_weights()
+        self.to_rollout()
 
         def run() -> dict[str, float]:
             result = run_eval(self.cfg, self.engine)
@@ -510,20 +554,49 @@ class Trainer:
                 f"Lower actor.lr (now {self.cfg.actor.lr:g}) or actor.clip_grad, and check the "
                 "data and rewards for NaN/inf")
 
-    def sync_weights_if_stale(self) -> None:
-        """Bring the engines to the actor's weights if an update or a load has not reached
-        them yet (the first step, a resume)."""
-        if self._engine_stale:
-            self.sync_weights()
+    def to_rollout(self) -> dict[str, float]:
+        """Hand the devices to the engines with the actor's current weights; returns what the
+        weight sync moved. Colocated (`rollout.colocate`, docs/design.md section 6): gradients
+        and optimizer state go to host, the engines take their weights' memory back, the
+        weights are synced, the parameters go to host, the engines take their KV cache back."""
+        if self._phase == "rollout":
+            return dict(_NO_SYNC)
+        colocated = self.cfg.rollout.colocated
+        if colocated:
+            self.actor.offload(params=False)
+            self._engines_memory("resume_memory_occupation", ["weights"])
+        sync = self.sync_weights() if self._engine_stale else dict(_NO_SYNC)
+        if colocated:
+            self.actor.offload(params=True)
+            self._engines_memory("resume_memory_occupation", ["kv_cache"])
+        self._phase = "rollout"
+        return sync
+
+    def to_training(self) -> None:
+        """Colocated: the engines release their memory and the actor comes back from host."""
+        if self._phase == "train":
+            return
+        if self.cfg.rollout.colocated:
+            self._engines_memory("release_memory_occupation", None)
+            self.actor.onload()
+        self._phase = "train"
+
+    def _engines_memory(self, method: str, tags: list[str] | None) -> None:
+        """`method(tags)` on rank 0's engines; an engine's error stops every rank."""
+        if self.cfg.rollout.load_dir is not None:
+            return
+        def call() -> None:
+            for engine in self.engines:
+                getattr(engine, method)(tags)
+
+        self._from_rank0(call, f"{method}({tags})")
 
     def sync_weights(self) -> dict[str, float]:
-        """The actor's weights to the engine (collective; engine on rank 0)."""
-        if self.cfg.rollout.load_dir is not None:  # no engine to update
+        """The actor's weights to the engines (collective; `rollout.weight_sync`)."""
+        if self.weight_sync is None:  # no engine to update (rollout.load_dir)
             self._engine_stale = False
             return dict(_NO_SYNC)
-        engines = self.engines
-        bucket = self.cfg.rollout.weight_sync_bucket_mb * 2**20
-        report = sync_weights(self.actor, engines, bucket)
+        report = self.weight_sync.sync(self._sync_to)
         self._engine_stale = False
         return {"seconds": report.seconds, "bytes": float(report.bytes)}
 
@@ -609,6 +682,7 @@ class Trainer:
 
     def save(self) -> Path:
         """A whole-run checkpoint of the current step (collective; see `run_state`)."""
+        self.to_training()  # the actor's state on its devices (after an evaluation)
         state = {"step": self.step, "nonfinite_streak": self.nonfinite_streak}
         if self.rank == 0:
             state["prompts"] = self.prompts.state_dict()

@@ -31,6 +31,8 @@ def trainer_worker(overrides: list[str], out: str) -> list[dict]:
     ], world_size=int(os.environ["WORLD_SIZE"]))
     trainer = Trainer(cfg)
     history = trainer.run(steps=2)
+    trainer.to_rollout()  # weights reach the engine before it next generates (collective)
+    trainer.to_training()  # and the actor, offloaded while it generated, comes back
     if trainer.rank == 0:  # the engine samples with the actor's latest weights
         from megatron_rl.actor.step import MicroBatch
 

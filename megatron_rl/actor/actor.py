@@ -21,7 +21,7 @@ from megatron.core.distributed import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from megatron_rl.actor import checkpoint, compat, replay
+from megatron_rl.actor import checkpoint, compat, offload, replay
 from megatron_rl.actor.config import ActorConfig, ModelConfig, ParallelConfig
 from megatron_rl.actor.model import build_model, padded_vocab_size
 from megatron_rl.actor.step import LossFn, MicroBatch, StepShape, forward_backward, forward_logprobs
@@ -107,9 +107,41 @@ class Actor:
             wd_incr_steps=max(total_steps, 1),
             wd_incr_style="constant",
         )
+        self._device = next(self.model[0].parameters()).device
+        self._host: offload.HostCopy | None = None  # what offload() moved, until onload()
         self.replays_routing = False
         """Routers use the engine's experts of micro-batches that carry them (R3)."""
         replay.install_agreement(self)  # MoE: any forward can measure routing agreement
+
+    # ---- colocation: hand the device to the engines and take it back --------------------------
+
+    def offload(self, params: bool = True) -> None:
+        """Move gradients and optimizer state (and, with `params`, the parameters) to host
+        memory, so that colocated engines can use the device (`actor/offload.py`). Repeated
+        calls move what is still on the device."""
+        if self._host is None:
+            self._host = offload.HostCopy()
+            offload.offload_grads([c for c in self.model], self._host)
+            if not self.actor_cfg.optimizer_cpu_offload:
+                offload.offload_optimizer(self.optimizer, self._host, self.device)
+        if params and not self._host.params and not self._host.loose:
+            offload.offload_params([c for c in self.model], self._host)
+
+    def onload(self) -> None:
+        """Bring back whatever `offload` moved (no-op when nothing is offloaded)."""
+        if self._host is not None:
+            host, self._host = self._host, None
+            offload.onload(host, self.optimizer, self._device)
+
+    @property
+    def offloaded(self) -> bool:
+        """Some of the actor's state is in host memory (`offload`)."""
+        return self._host is not None
+
+    def _require_onloaded(self, what: str) -> None:
+        if self._host is not None and (self._host.params or self._host.loose
+                                       or what != "weights"):
+            raise RuntimeError(f"actor: {what} while offloaded to host; call onload() first")
 
     def enable_routing_replay(self) -> None:
         """From now on every forward of a micro-batch carrying the engine's experts
@@ -126,6 +158,7 @@ class Actor:
         self, microbatches: Sequence[MicroBatch], loss_fn: LossFn, temperature: float = 1.0
     ) -> StepResult:
         """Forward+backward over all micro-batches, then one optimizer step."""
+        self._require_onloaded("train_step")
         mb0 = microbatches[0].tokens
         for chunk in self.model:
             chunk.train()
@@ -183,6 +216,7 @@ class Actor:
         of (loss position, MoE layer) pairs, over all ranks, where the routers' own top-k set
         equals the engine's (`MicroBatch.routed_experts`); NaN when there is nothing to compare.
         With routing replay on, the forward uses the engine's experts."""
+        self._require_onloaded("a forward")
         for chunk in self.model:
             chunk.eval()
         mb0 = microbatches[0].tokens
@@ -220,7 +254,7 @@ class Actor:
     @property
     def device(self) -> torch.device:
         """Where the weights live (and where collectives of the actor's backend reduce)."""
-        return next(self.model[0].parameters()).device
+        return self._device
 
     @property
     def lr(self) -> float:
@@ -230,6 +264,7 @@ class Actor:
         self, with_optimizer: bool = True, is_loading: bool = False
     ) -> dict[str, Any]:
         """Model (and optimizer, scheduler) state keyed by global, layout-free tensor names."""
+        self._require_onloaded("checkpointing")
         state: dict[str, Any] = {
             f"model{i}": chunk.module.sharded_state_dict() for i, chunk in enumerate(self.model)
         }
@@ -257,10 +292,12 @@ class Actor:
 
     def save_hf(self, out_dir: str | os.PathLike, arch: Arch) -> str:
         """Write the weights as a Hugging Face checkpoint (config.json + safetensors)."""
+        self._require_onloaded("weights")
         return str(save_hf([c.module for c in self.model], arch, self.model_cfg, out_dir))
 
     def hf_buckets(self, arch: Arch, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
         """This stage's weights as HF-named tensors in buckets (collective; weight sync)."""
+        self._require_onloaded("weights")
         return iter_hf_buckets([c.module for c in self.model], arch, self.model_cfg, bucket_bytes)
 
     def _layout_info(self, with_optimizer: bool) -> dict:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -100,8 +100,14 @@ def _count_local_experts(chunks: list[torch.nn.Module]) -> int:
 def iter_hf_buckets(chunks: list[torch.nn.Module], arch: Arch, model_cfg,
                     bucket_bytes: int = 64 * 2**20) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """`iter_hf_tensors` grouped into lists of at most `bucket_bytes` (one tensor may exceed)."""
+    return bucketed(iter_hf_tensors(chunks, arch, model_cfg), bucket_bytes)
+
+
+def bucketed(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
+             ) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Consecutive lists of at most `bucket_bytes`; a larger tensor travels alone."""
     bucket, size = [], 0
-    for name, tensor in iter_hf_tensors(chunks, arch, model_cfg):
+    for name, tensor in named:
         nbytes = tensor.numel() * tensor.element_size()
         if bucket and size + nbytes > bucket_bytes:
             yield bucket

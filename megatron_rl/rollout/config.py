@@ -28,8 +28,20 @@ class RolloutConfig:
     """Longest response, in tokens."""
     engine_urls: list[str] = field(default_factory=list)
     """SGLang server URLs; empty = the engine runs in-process."""
+    weight_sync: Literal["tensor", "distributed", "disk"] = "tensor"
+    """How the actor's weights reach the engines after an update (docs/design.md section 6):
+    'tensor' sends each bucket in the request (in-process engines; served engines over HTTP);
+    'distributed' broadcasts each pipeline stage's buckets over an update group of its writer
+    rank and every engine rank (NCCL on GPUs, gloo on CPU; served engines only); 'disk' writes
+    an HF checkpoint to `weight_sync_dir` that every engine reloads."""
+    weight_sync_dir: str | None = None
+    """Directory every engine can read, for `weight_sync=disk`; None = `<output_dir>/weights`."""
     weight_sync_bucket_mb: int = 64
     """Size of one weight-sync bucket, in MiB."""
+    colocate: bool | None = None
+    """Engines share the actor's devices: while the actor trains the engines release their
+    memory, while they generate the actor's parameters, gradients and optimizer state wait in
+    host memory. None = colocated for an in-process engine, not for `engine_urls`."""
     request_timeout_s: float = 60.0
     """Timeout of one request to an engine server, in seconds; a whole engine call (retries
     included, or one generate of the embedded engine) may take `call_timeout_s`."""
@@ -43,6 +55,11 @@ class RolloutConfig:
     load_dir: str | None = None
     """Train from the samples a run saved in `save_dir` instead of generating: no engine, no
     weight sync; None = generate."""
+
+    @property
+    def colocated(self) -> bool:
+        """`colocate`, with its default resolved."""
+        return not self.engine_urls if self.colocate is None else self.colocate
 
     @property
     def call_timeout_s(self) -> float:

@@ -7,7 +7,10 @@ user can inspect rollouts with curl:
     curl -s localhost:30000/generate -d '{"text": "1+1=", "sampling_params": {"max_new_tokens": 8}}'
 
 A stdlib `ThreadingHTTPServer`; requests to the one engine are serialised with a lock (health and
-model_info answer without it, so a long generation never makes the server look dead). Field names
+model_info answer without it, so a long generation never makes the server look dead). Weight
+update groups (`/init_weights_update_group`, `/update_weights_from_distributed`) take a lock of
+their own group instead: forming or filling one group never waits for another (the trainer has
+one group per pipeline stage), and the trainer does not generate while it syncs. Field names
 are SGLang's (see `sglang_engine`); differences: tensors for `/update_weights_from_tensor` must use
 the portable encoding (`load_format="megatron_rl.torch_save"`), `temperature: 0` means greedy
 (top_k=1, log-probs at temperature 1), and unsupported sampling fields are rejected with 400.
@@ -90,13 +93,12 @@ class EngineService:
         self.tokenizer_path = tokenizer_path
         self.weight_version = "default"
         self.lock = threading.Lock()
+        self._group_locks: dict[str, threading.Lock] = {}
         self._rid = 0
         self.routes: dict[str, Callable[[dict[str, Any]], Any]] = {
             "/generate": self.generate,
             "/update_weights_from_disk": self.update_weights_from_disk,
             "/update_weights_from_tensor": self.update_weights_from_tensor,
-            "/init_weights_update_group": self.init_weights_update_group,
-            "/update_weights_from_distributed": self.update_weights_from_distributed,
             "/destroy_weights_update_group": self.destroy_weights_update_group,
             "/release_memory_occupation": self.release_memory_occupation,
             "/resume_memory_occupation": self.resume_memory_occupation,
@@ -105,17 +107,28 @@ class EngineService:
         self.unlocked_routes: dict[str, Callable[[dict[str, Any]], Any]] = {
             "/health": lambda body: None, "/health_generate": self.health_generate,
             "/model_info": self.model_info, "/get_model_info": self.model_info,
+            "/get_server_info": self.server_info,
+        }
+        self.group_routes: dict[str, Callable[[dict[str, Any]], Any]] = {
+            "/init_weights_update_group": self.init_weights_update_group,
+            "/update_weights_from_distributed": self.update_weights_from_distributed,
         }
 
     def handle(self, route: str, body: dict[str, Any]) -> tuple[int, Any]:
         """Dispatch one request; engine errors become SGLang-style {success: false} answers."""
         if route in self.unlocked_routes:
             return HTTPStatus.OK, self.unlocked_routes[route](body)
-        if route not in self.routes:
+        if route in self.group_routes:
+            name = str(body.get("group_name", "weight_update_group"))
+            lock = self._group_locks.setdefault(name, threading.Lock())  # atomic (GIL)
+            fn = self.group_routes[route]
+        elif route in self.routes:
+            lock, fn = self.lock, self.routes[route]
+        else:
             return HTTPStatus.NOT_FOUND, {"error": {"message": f"no route {route}"}}
         try:
-            with self.lock:
-                return HTTPStatus.OK, self.routes[route](body)
+            with lock:
+                return HTTPStatus.OK, fn(body)
         except RequestError as e:
             return HTTPStatus.BAD_REQUEST, {"error": {"message": str(e)}}
         except Exception as e:  # the engine's failure is the client's answer, not a crash
@@ -196,6 +209,11 @@ class EngineService:
         """SGLang's fields."""
         return {"model_path": self.model_path, "tokenizer_path": self.tokenizer_path,
                 "is_generation": True, "weight_version": self.weight_version}
+
+    def server_info(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The fields of SGLang's /get_server_info a trainer reads: one process, no TP."""
+        return {"model_path": self.model_path, "tokenizer_path": self.tokenizer_path,
+                "tp_size": 1, "dp_size": 1, "weight_version": self.weight_version}
 
     def _ok(self, message: str, body: dict[str, Any], **extra: Any) -> dict[str, Any]:
         if body.get("weight_version") is not None:

@@ -196,6 +196,7 @@ class SGLangEngine:
             tensor_encoding = "sglang" if importlib.util.find_spec("sglang") else "portable"
         self.tensor_encoding = tensor_encoding
         self.routed_experts_layout = routed_experts_layout
+        self._server_info: dict[str, Any] | None = None
 
     @classmethod
     def from_config(cls, cfg: Any, url: str, **kwargs: Any) -> SGLangEngine:
@@ -234,9 +235,10 @@ class SGLangEngine:
         raise EngineError(f"engine at {self.address} failed on {route} after {retries + 1} "
                           f"attempt(s) (timeout {timeout_s or self.timeout_s} s): {last}")
 
-    def _call(self, route: str, body: dict[str, Any] | None = None) -> Any:
+    def _call(self, route: str, body: dict[str, Any] | None = None,
+              retries: int | None = None) -> Any:
         """POST and check SGLang's {success, message} answer."""
-        out = self.request(route, body)
+        out = self.request(route, body, retries=retries)
         if isinstance(out, dict) and out.get("success") is False:
             raise EngineError(f"{self.address}{route}: {out.get('message', 'failed')}")
         return out
@@ -274,21 +276,23 @@ class SGLangEngine:
     def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int,
                                   world_size: int, group_name: str = "weight_update_group",
                                   backend: str = "nccl") -> None:
-        """Ask the server to join the trainer's broadcast group."""
+        """Ask the server to join the trainer's broadcast group (never retried: the group forms
+        once, with the trainer waiting on the other side)."""
         self._call("/init_weights_update_group", {
             "master_address": master_address, "master_port": master_port,
             "rank_offset": rank_offset, "world_size": world_size, "group_name": group_name,
-            "backend": backend})
+            "backend": backend}, retries=0)
 
     def update_weights_from_distributed(self, names: Sequence[str], dtypes: Sequence[str],
                                         shapes: Sequence[Sequence[int]],
                                         group_name: str = "weight_update_group",
                                         flush_cache: bool = True) -> None:
-        """Tell the server to receive these weights by broadcast (the trainer sends them)."""
+        """Tell the server to receive these weights by broadcast (the trainer sends them; never
+        retried: a repeated request would wait for a broadcast that is not sent again)."""
         self._call("/update_weights_from_distributed", {
             "names": list(names), "dtypes": [str(d).removeprefix("torch.") for d in dtypes],
             "shapes": [list(s) for s in shapes], "group_name": group_name,
-            "flush_cache": flush_cache})
+            "flush_cache": flush_cache}, retries=0)
 
     def destroy_weights_update_group(self, group_name: str = "weight_update_group") -> None:
         """Leave the broadcast group."""
@@ -322,6 +326,13 @@ class SGLangEngine:
             return True
         except EngineError:
             return False
+
+    def server_info(self) -> dict[str, Any]:
+        """GET /get_server_info (SGLang: its server args, e.g. `tp_size`, the ranks one engine
+        brings to a weight update group)."""
+        if self._server_info is None:
+            self._server_info = self.request("/get_server_info", method="GET")
+        return self._server_info
 
     def model_info(self) -> dict[str, Any]:
         """GET /model_info (falls back to the older /get_model_info)."""

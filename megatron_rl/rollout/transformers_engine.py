@@ -7,8 +7,9 @@ which is what the actor recomputes (`actor.logprobs(..., temperature)`). With
 sent to, exactly as the model used them (the gate's returned top-k indices).
 
 On CPU there is no device memory to hand back: `release_memory_occupation` drops nothing but
-marks the engine released (the KV cache only lives for one `generate` call), and the weights
-stay in place, so `resume_memory_occupation` needs no reload.
+marks what was released, as SGLang's tags say ("weights", "kv_cache"; None = both), and the
+engine keeps SGLang's rules: no generation while either is released, no weight update while the
+weights are. So the colocated sequence (docs/design.md section 6) is checked on CPU too.
 
 Shape legend: B = rows (prompts x n), P = padded prompt length, V = vocabulary, K = top-k,
 L = MoE layers.
@@ -44,6 +45,10 @@ def _truncate(logits_BV: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits_BV = torch.full_like(logits_BV, float("-inf")).scatter(-1, order, sorted_logits)
     return logits_BV
+
+
+MEMORY_TAGS = ("weights", "kv_cache")
+"""SGLang's memory tags (`release_memory_occupation(tags=...)`)."""
 
 
 class _GateRecorder:
@@ -105,7 +110,7 @@ class TransformersEngine:
         self.timeout_s = timeout_s
         """Wall-clock limit of one call (generate, weight update group)."""
         self._weights = HFWeightApplier(self.model)
-        self._released = False
+        self._released: set[str] = set()  # SGLang's memory tags released and not resumed
         self._groups: dict[str, tuple[Any, Any]] = {}
         # transformers 5.x names the KV cache argument `cache` (`past_key_values` is deprecated
         # and warns on every call); older releases only know `past_key_values`.
@@ -144,8 +149,8 @@ class TransformersEngine:
         sp = sampling_params or SamplingParams()
         prompts = self._prompt_ids(input_ids, prompt)
         if self._released:
-            raise EngineError(f"engine {self.address}: generate after release_memory_occupation;"
-                              " call resume_memory_occupation first")
+            raise EngineError(f"engine {self.address}: generate while {sorted(self._released)} "
+                              "released; call resume_memory_occupation first")
         if sp.stop and self.tokenizer is None:
             raise EngineError(f"engine {self.address}: stop strings need a tokenizer")
         rows = [list(p) for p in prompts for _ in range(sp.n)]
@@ -266,6 +271,9 @@ class TransformersEngine:
                                    load_format: str | None = None,
                                    flush_cache: bool = True) -> None:
         """Copy HF-named tensors into the model in place (fused MoE experts handled)."""
+        if "weights" in self._released:
+            raise EngineError(f"engine {self.address}: weight update while the weights are "
+                              "released; call resume_memory_occupation(['weights']) first")
         try:
             self._weights.apply(named_tensors)
         except (KeyError, ValueError) as e:
@@ -313,11 +321,12 @@ class TransformersEngine:
     # ---- memory and housekeeping ------------------------------------------------------------
 
     def release_memory_occupation(self, tags: Sequence[str] | None = None) -> None:
-        """Mark released; on CPU the weights stay (nothing to hand back to a GPU)."""
-        self._released = True
+        """Mark `tags` released (None: weights and KV cache); on CPU the weights stay."""
+        self._released |= set(MEMORY_TAGS if tags is None else tags)
 
     def resume_memory_occupation(self, tags: Sequence[str] | None = None) -> None:
-        self._released = False
+        """Take `tags` back (None: all)."""
+        self._released -= set(MEMORY_TAGS if tags is None else tags)
 
     def flush_cache(self) -> None:
         """No-op: the KV cache lives for one generate call, so no prefix survives an update."""
