@@ -69,6 +69,7 @@ def test_run_settings(config: str) -> None:
     assert cfg.slurm.engine_server == "megatron-rl" and cfg.slurm.engine_nodes == 0
     assert cfg.slurm.env["OMP_NUM_THREADS"] == "1"
     assert cfg.actor.params_dtype == "float32" and not cfg.actor.optimizer_cpu_offload
+    assert not cfg.actor.use_distributed_optimizer  # its state reloads only with TE (CPU: none)
     assert cfg.checkpoint.load is None and cfg.checkpoint.save_interval >= 1
     assert cfg.data.source == "reasoning_gym" and cfg.data.tokenizer is None
     assert cfg.train.steps <= 8 and cfg.eval.size == 0

@@ -5,8 +5,11 @@ A tiny CPU run is submitted; once it has saved a checkpoint it is requeued with 
 requeue` (SIGTERM to the job: the trainer ranks save, Slurm puts the job back in the queue); it
 restarts, resumes from its checkpoint, then gets SIGUSR1 the way `--signal=B:USR1@N` sends it
 (`scancel --batch --signal=USR1`: to the batch shell, which passes it to the trainer ranks),
-saves, exits 0 and requeues itself; it resumes again and finishes. The daemons this test
-started are stopped by PID afterwards.
+saves, exits 0 and requeues itself; it resumes again and finishes. The rehearsals of the
+flagship configs (`megatron-rl submit CONFIG --rehearse`: the model shrunk, 4 CPU ranks, engine
+servers started by the script) finish with the engines' log-probs equal to the actor's after
+every weight sync; one is stopped by SIGUSR1 and resumes. The daemons this module started are
+stopped by PID afterwards.
 Skipped where Slurm cannot be brought up (not root, or no Slurm and no apt-get).
 """
 
@@ -29,6 +32,9 @@ STATE = Path(os.environ.get("SLURM_STATE_DIR", "/run/megatron-rl-slurm"))
 STEPS = 30
 """Enough that each signal, sent a step after a checkpoint, lands well before the run ends (a
 tiny step takes about half a second)."""
+PARITY = 1e-3
+"""Bound on |actor - engine| token log-prob after a sync (fp32): measured ~1e-6 here, while an
+engine a step behind differs by ~0.1."""
 
 
 def _can_bring_up() -> str | None:
@@ -84,25 +90,66 @@ def _has_step(ckpt: Path, n: int) -> bool:
     return (ckpt / f"step_{n}" / "trainer_state.pt").is_file()
 
 
-def test_submit_requeue_resume_finish(cluster: None, tmp_path: Path) -> None:
-    name = f"slurm-test-{os.getpid()}"
-    sets = [
-        f"slurm.job_name={name}", f"slurm.run_dir={tmp_path}", f"slurm.log_dir={tmp_path}/logs",
-        f"slurm.venv={ROOT}/.venv", "slurm.env={OMP_NUM_THREADS: '1'}", "slurm.signal_lead_s=60",
-        f"train.steps={STEPS}", "checkpoint.save_interval=1", "checkpoint.keep_last=0",
-        "rollout.prompts_per_step=2", "rollout.n_samples_per_prompt=4",
-        "rollout.max_new_tokens=12", "actor.seq_length=128", "actor.micro_batch_size=4",
-        "data.train_size=100", "data.eval_size=10", "eval.size=0", "rewards.num_workers=1",
-        "algorithm.dynamic_sampling=false", f"data.tokenizer_cache={tmp_path}/tok",
-        "logging.tensorboard=false", "logging.plot=false",
-    ]
-    argv = [sys.executable, "-m", "megatron_rl", "submit", "configs/tiny_moe_cpu.yaml"]
+def submit(config: str, sets: list[str], *flags: str) -> tuple[str, str]:
+    """`megatron-rl submit CONFIG [flags] --set ...` -> (job id, its stderr)."""
+    argv = [sys.executable, "-m", "megatron_rl", "submit", config, *flags]
     for s in sets:
         argv += ["--set", s]
     out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     job = out.stdout.strip()
     assert re.fullmatch(r"\d+", job), out.stdout
+    return job, out.stderr
+
+
+def _job_sets(name: str, tmp_path: Path) -> list[str]:
+    """Overrides that key a job's files under `tmp_path`."""
+    return [f"slurm.job_name={name}", f"slurm.run_dir={tmp_path}",
+            f"slurm.log_dir={tmp_path}/logs", f"slurm.venv={ROOT}/.venv",
+            f"data.tokenizer_cache={tmp_path}/tok"]
+
+
+def stop_with_usr1(job: str, ckpt: Path, after_step: int, log: Path, timeout_s: float) -> int:
+    """Once `step_<after_step>` is saved, SIGUSR1 to the batch shell (as --signal=B:USR1@N
+    sends it): the ranks save and exit 0, the script requeues the job; return the step the
+    restart resumed from."""
+    wait_for(f"checkpoint step_{after_step}", lambda: _has_step(ckpt, after_step), timeout_s,
+             log)
+    before = log.read_text().count("resumed from")
+    _sh("scancel", "--batch", "--signal=USR1", job)
+    wait_for("the resume after SIGUSR1",
+             lambda: log.read_text().count("resumed from") > before, timeout_s, log)
+    text = log.read_text()
+    assert "[submit] stopped at step" in text and "stop signal received" in text, text[-3000:]
+    return int(re.findall(r"resumed from \S+ at step (\d+)", text)[-1])
+
+
+def finished(job: str, log: Path, steps: int, timeout_s: float) -> None:
+    """Wait until the job leaves the queue; it finished `steps` and ended COMPLETED."""
+    wait_for("the job to finish", lambda: _state(job) == "", timeout_s, log)
+    text = log.read_text()
+    assert f"[submit] finished {steps} steps" in text, text[-3000:]
+    states = re.findall(rf"^{job}\s.*?\s(COMPLETED|FAILED|CANCELLED|TIMEOUT|NODE_FAIL|REQUEUED)\b",
+                        _sh("sacct", "-c", "-j", job, "-n", "-o", "JobID,State"), re.M)
+    assert states and states[-1] == "COMPLETED", states
+
+
+def metric_rows(run_dir: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if ln.strip()]
+
+
+def test_submit_requeue_resume_finish(cluster: None, tmp_path: Path) -> None:
+    name = f"slurm-test-{os.getpid()}"
+    sets = [
+        *_job_sets(name, tmp_path), "slurm.env={OMP_NUM_THREADS: '1'}", "slurm.signal_lead_s=60",
+        f"train.steps={STEPS}", "checkpoint.save_interval=1", "checkpoint.keep_last=0",
+        "rollout.prompts_per_step=2", "rollout.n_samples_per_prompt=4",
+        "rollout.max_new_tokens=12", "actor.seq_length=128", "actor.micro_batch_size=4",
+        "data.train_size=100", "data.eval_size=10", "eval.size=0", "rewards.num_workers=1",
+        "algorithm.dynamic_sampling=false", "logging.tensorboard=false", "logging.plot=false",
+    ]
+    job, _ = submit("configs/tiny_moe_cpu.yaml", sets)
     log = tmp_path / "logs" / f"{name}-{job}.out"
     ckpt = tmp_path / name / "checkpoints"
     try:
@@ -120,24 +167,51 @@ def test_submit_requeue_resume_finish(cluster: None, tmp_path: Path) -> None:
         assert saved and int(saved.group(1)) == first, text
         # 2. SIGUSR1 to the batch shell, as --signal=B:USR1@N sends it: the ranks save and
         # exit 0, the script requeues the job.
-        wait_for("a step after the resume", lambda: _has_step(ckpt, first + 1), 120, log)
-        _sh("scancel", "--batch", "--signal=USR1", job)
-        wait_for("the second resume", lambda: log.read_text().count("resumed from") >= 2, 150,
-                 log)
-        text = log.read_text()
-        assert "[submit] stopped at step" in text and text.count("stop signal received") >= 2, text
-        second = int(re.findall(r"resumed from \S+ at step (\d+)", text)[-1])
-        assert second > first
+        second = stop_with_usr1(job, ckpt, first + 1, log, 150)
+        assert second > first and log.read_text().count("stop signal received") >= 2
         # 3. Finishes: out of the queue, COMPLETED in the job-completion log, all steps logged.
-        wait_for("the job to finish", lambda: _state(job) == "", 240, log)
+        finished(job, log, STEPS, 240)
+    finally:
+        subprocess.run(["scancel", job], capture_output=True, timeout=30)
+    rows = metric_rows(tmp_path / name / "run")
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert (ckpt / "latest").read_text().strip() == f"step_{STEPS}"
+
+
+REHEARSALS = {  # config: (steps, SIGUSR1 after this checkpoint or None)
+    "configs/deepseek_v3_h100.yaml": (4, None),
+    # the quicker one (pp 1): stopped by SIGUSR1 after its first checkpoint, it saves the next
+    # step, requeues and resumes to the end
+    "configs/qwen3_30b_a3b_h100.yaml": (6, 2),
+}
+
+
+@pytest.mark.timeout(420)
+@pytest.mark.parametrize("config", list(REHEARSALS))
+def test_rehearsal(cluster: None, tmp_path: Path, config: str) -> None:
+    """`submit CONFIG --rehearse`: torchrun of 4 ranks beside the engine servers the script
+    starts; weight sync after every step, routing replay, checkpoints; the engines' log-probs
+    equal the actor's after every sync; (one of them) SIGUSR1, requeue, resume."""
+    steps, stop_after = REHEARSALS[config]
+    name = f"rehearsal-{Path(config).stem}-{os.getpid()}"
+    job, err = submit(config, [*_job_sets(name, tmp_path), f"train.steps={steps}"],
+                      "--rehearse")
+    assert "megatron-rl submit --rehearse: model:" in err, err
+    log = tmp_path / "logs" / f"{name}-{job}.out"
+    try:
+        wait_for("the engines", lambda: log.is_file() and "[submit] engines healthy" in
+                 log.read_text(), 150, log)
+        if stop_after:
+            resumed = stop_with_usr1(job, tmp_path / name / "checkpoints", stop_after, log, 150)
+            assert stop_after < resumed < steps
+        finished(job, log, steps, 240)
     finally:
         subprocess.run(["scancel", job], capture_output=True, timeout=30)
     text = log.read_text()
-    assert f"[submit] finished {STEPS} steps" in text, text[-3000:]
-    states = re.findall(rf"^{job}\s.*?\s(COMPLETED|FAILED|CANCELLED|TIMEOUT|NODE_FAIL|REQUEUED)\b",
-                        _sh("sacct", "-c", "-j", job, "-n", "-o", "JobID,State"), re.M)
-    assert states and states[-1] == "COMPLETED", states
-    rows = [json.loads(ln) for ln in (tmp_path / name / "run" / "metrics.jsonl").read_text()
-            .splitlines() if ln.strip()]
-    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
-    assert (ckpt / "latest").read_text().strip() == f"step_{STEPS}"
+    assert text.count("megatron-rl serve: ready at") == 2 * (1 + bool(stop_after)), text[-3000:]
+    rows = metric_rows(tmp_path / name / "run")
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    diffs = [r.get("mismatch/logp_abs_diff_max") for r in rows]
+    assert all(d is not None and d < PARITY for d in diffs), diffs
+    assert all(r["routing/agreement"] >= 0 for r in rows)  # replayed, and measured
+    assert (tmp_path / name / "checkpoints" / "latest").read_text().strip() == f"step_{steps}"

@@ -158,7 +158,13 @@ def rehearsal_data(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     out["model"] = _model(dict(out.get("model") or {}), out["parallel"], notes)
 
     actor = dict(out.get("actor") or {})
+    if actor.get("use_distributed_optimizer"):
+        # Megatron-Core 0.16 reloads the distributed optimizer's state only with Transformer
+        # Engine's Adam (actor/actor.py), which a CPU rank lacks: the resume would refuse it.
+        notes.append("replaced: distributed optimizer -> off (its state reloads only with "
+                     "Transformer Engine's Adam, not installed for CPU ranks)")
     actor.update(params_dtype="float32", optimizer_cpu_offload=False, seq_length=128,
+                 use_distributed_optimizer=False,
                  micro_batch_size=min(int(actor.get("micro_batch_size", 1)), 2), lr=1e-3)
     out["actor"] = actor
     replay = bool((out.get("rollout") or {}).get("routing_replay"))
