@@ -9,10 +9,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from megatron_rl import cli
 from megatron_rl.config import read_yaml
-from megatron_rl.launch.rehearse import RANKS, rehearsal_config, rehearsal_data
+from megatron_rl.launch.rehearse import RANKS, rehearsal_config, rehearsal_data, warnings
 
 ROOT = Path(__file__).resolve().parents[1]
 DEEPSEEK = str(ROOT / "configs/deepseek_v3_h100.yaml")
@@ -125,3 +126,23 @@ def test_dry_run_script(config: str, capsys: pytest.CaptureFixture[str], tmp_pat
 def test_rehearse_and_convert_together_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["submit", QWEN3, "--rehearse", "--convert", "a", "b", "--dry-run"]) == 2
     assert "one of --rehearse and --convert" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("config", [DEEPSEEK, QWEN3])
+def test_the_rehearsal_is_one_the_trainer_accepts(config: str) -> None:
+    """`launch/support.unsupported` of the rehearsal on CPU ranks (engine URLs as its script
+    fills them) is empty; what the config as written would hit on its cluster is a warning."""
+    lines = warnings(config, rehearsal_config(config), ROOT)
+    assert not [ln for ln in lines if "the rehearsal would be refused" in ln], lines
+
+
+def test_warns_about_the_config_as_written(tmp_path: Path) -> None:
+    data = read_yaml(QWEN3)
+    data["actor"]["recompute"] = "full"
+    data["rollout"]["routing_replay"] = True
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    lines = warnings(str(path), rehearsal_config(str(path)), ROOT)
+    assert any("as written would be refused on its cluster: rollout.routing_replay=true" in ln
+               and "actor.recompute=full" in ln for ln in lines), lines
+    assert rehearsal_config(str(path)).actor.recompute == "none"

@@ -51,11 +51,13 @@ def run(args: argparse.Namespace) -> int:
 
             config, notes = stack.enter_context(rehearse.rehearsal_file(args.config))
             source = " ".join([args.config, "--rehearse", *(f"--set {o}" for o in args.overrides)])
-            for line in notes:
-                print(f"megatron-rl submit --rehearse: {line}", file=sys.stderr)
         workdir = slurm.job_workdir(config, args.overrides, Path.cwd())
         convert = tuple(args.convert) if args.convert else None
         job = slurm.build(config, args.overrides, workdir, convert=convert, source=source)
+        if args.rehearse:
+            cfg = slurm.load_job_config(config, args.overrides, workdir)
+            for line in [*notes, *rehearse.warnings(args.config, cfg, workdir)]:
+                print(f"megatron-rl submit --rehearse: {line}", file=sys.stderr)
     if args.dry_run:
         print(job.script, end="")
         print(f"megatron-rl submit: dry run; to submit it by hand: mkdir -p "

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -169,11 +170,10 @@ def rehearsal_data(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     out["actor"] = actor
     replay = bool((out.get("rollout") or {}).get("routing_replay"))
     if replay and actor.get("recompute", "none") != "none":
-        # Mirrors actor/replay.py's refusal (recomputed routers would need REPLAY_BACKWARD):
-        # said loudly, since the config as written stops at its first step on the cluster too.
-        notes.append(f"WARNING: routing replay with actor.recompute={actor['recompute']} is "
-                     "refused by the trainer (actor/replay.py): the config as written fails; "
-                     "rehearsing with actor.recompute=none")
+        # actor/replay.py refuses it (recomputed routers would need REPLAY_BACKWARD); the config
+        # as written is then refused on its cluster too, which `warnings` says.
+        notes.append(f"replaced: actor.recompute={actor['recompute']} -> none (routing replay "
+                     "refuses recompute: actor/replay.py)")
         actor["recompute"] = "none"
     rollout = dict(out.get("rollout") or {})
     own_nodes = int(slurm.get("engine_nodes", 0)) > 0
@@ -239,3 +239,29 @@ def rehearsal_file(path: str) -> Iterator[tuple[Path, list[str]]]:
         out.write_text(f"# The rehearsal of {path} (megatron-rl submit --rehearse)\n"
                        + yaml.safe_dump(data, sort_keys=False))
         yield out, notes
+
+
+def warnings(path: str, rehearsal: RunConfig, workdir: Path) -> list[str]:
+    """What the trainer would refuse (`launch/support.unsupported`): in the config at `path` as
+    written, on its cluster (GPUs and Transformer Engine when it asks for GPUs), and in the
+    rehearsal on CPU ranks with the engine URLs its script fills in."""
+    from megatron_rl.configurable import ConfigError
+    from megatron_rl.launch.slurm import load_job_config
+    from megatron_rl.launch.support import unsupported
+
+    lines = []
+    try:
+        cfg = load_job_config(path, [], workdir)
+    except ConfigError as err:
+        lines.append(f"WARNING: {path} as written does not load: {err}")
+    else:
+        lines += [f"WARNING: {path} as written would be refused on its cluster: {item}"
+                  for item in unsupported(cfg, cuda=cfg.slurm.gpus_per_node > 0)]
+    ro = rehearsal.rollout
+    if ro.engine == "sglang" and not ro.engine_urls:  # the script starts servers for these
+        urls = [f"http://engine:{30000 + i}" for i in range(ENGINES)]
+        ro = dataclasses.replace(ro, engine_urls=urls)
+    lines += [f"WARNING: the rehearsal would be refused: {item}"
+              for item in unsupported(dataclasses.replace(rehearsal, rollout=ro), cuda=False,
+                                      te=False)]
+    return lines
