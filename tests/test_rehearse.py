@@ -13,6 +13,7 @@ import yaml
 
 from megatron_rl import cli
 from megatron_rl.config import read_yaml
+from megatron_rl.launch import rehearse
 from megatron_rl.launch.rehearse import RANKS, rehearsal_config, rehearsal_data, warnings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,11 +83,12 @@ def test_run_settings(config: str) -> None:
 
 
 def test_layout_scaling_rules() -> None:
-    """Kinds of parallelism kept while 4 ranks allow: tp, then pp, then cp; dp from the rest;
-    the widest ep the expert rule (etp * ep * pp | world) allows."""
+    """Kinds of parallelism kept while 4 ranks allow: tp, then pp, then cp (which CPU ranks then
+    refuse); dp from the rest; the widest ep the expert rule (etp * ep * pp | world) allows."""
     base = read_yaml(QWEN3)
     for par, want in [({"tp": 8, "pp": 4, "cp": 4, "ep": 32, "etp": 1}, (2, 2, 1, 2)),
-                      ({"tp": 1, "pp": 1, "cp": 2, "ep": 8, "etp": 1}, (1, 1, 2, 4)),
+                      # cp fits, but CPU ranks have no context-parallel attention
+                      ({"tp": 1, "pp": 1, "cp": 2, "ep": 8, "etp": 1}, (1, 1, 1, 4)),
                       ({"tp": 2, "pp": 1, "cp": 1, "ep": 4}, (2, 1, 1, 2))]:
         data, notes = rehearsal_data({**base, "parallel": par})
         got = data["parallel"]
@@ -138,11 +140,27 @@ def test_the_rehearsal_is_one_the_trainer_accepts(config: str) -> None:
 
 def test_warns_about_the_config_as_written(tmp_path: Path) -> None:
     data = read_yaml(QWEN3)
-    data["actor"]["recompute"] = "full"
+    data["parallel"] |= {"cp": 2, "tp": 2}  # 8 GPUs = tp 2 x cp 2 x dp 2
     data["rollout"]["routing_replay"] = True
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(data))
     lines = warnings(str(path), rehearsal_config(str(path)), ROOT)
     assert any("as written would be refused on its cluster: rollout.routing_replay=true" in ln
-               and "actor.recompute=full" in ln for ln in lines), lines
-    assert rehearsal_config(str(path)).actor.recompute == "none"
+               and "parallel.cp=2" in ln for ln in lines), lines
+    _, notes = rehearsal_data(data)
+    assert any(n.startswith("dropped: parallel.cp=2 (on CPU: ") for n in notes), notes
+    assert rehearsal_config(str(path)).parallel.cp == 1
+
+
+def test_what_cpu_ranks_refuse_is_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rehearsal turns off what `launch/support.unsupported` says CPU ranks refuse, as it
+    says it at the time: here activation recompute under routing replay."""
+    refused = rehearse.Unsupported("rollout.routing_replay", "true", "replay under "
+                                   "actor.recompute=full is not supported", "set recompute none")
+    real = rehearse.unsupported
+    monkeypatch.setattr(rehearse, "unsupported",
+                        lambda cfg, **kw: [*real(cfg, **kw), refused]
+                        if cfg.actor.recompute != "none" else real(cfg, **kw))
+    data, notes = rehearse.rehearsal_data(read_yaml(QWEN3))
+    assert data["actor"]["recompute"] == "none"
+    assert any(n.startswith("replaced: actor.recompute=full -> none (replay under") for n in notes)

@@ -27,7 +27,9 @@ from typing import Any
 
 import yaml
 
-from megatron_rl.config import RunConfig, load_config, read_yaml
+from megatron_rl.config import RunConfig, load_config, read_yaml, resolve
+from megatron_rl.configurable import ConfigError, from_dict
+from megatron_rl.launch.support import Unsupported, unsupported
 
 RANKS = 4
 """Trainer ranks of a rehearsal: one node, 4 CPU processes."""
@@ -159,22 +161,9 @@ def rehearsal_data(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     out["model"] = _model(dict(out.get("model") or {}), out["parallel"], notes)
 
     actor = dict(out.get("actor") or {})
-    if actor.get("use_distributed_optimizer"):
-        # Megatron-Core 0.16 reloads the distributed optimizer's state only with Transformer
-        # Engine's Adam (actor/actor.py), which a CPU rank lacks: the resume would refuse it.
-        notes.append("replaced: distributed optimizer -> off (its state reloads only with "
-                     "Transformer Engine's Adam, not installed for CPU ranks)")
     actor.update(params_dtype="float32", optimizer_cpu_offload=False, seq_length=128,
-                 use_distributed_optimizer=False,
                  micro_batch_size=min(int(actor.get("micro_batch_size", 1)), 2), lr=1e-3)
     out["actor"] = actor
-    replay = bool((out.get("rollout") or {}).get("routing_replay"))
-    if replay and actor.get("recompute", "none") != "none":
-        # actor/replay.py refuses it (recomputed routers would need REPLAY_BACKWARD); the config
-        # as written is then refused on its cluster too, which `warnings` says.
-        notes.append(f"replaced: actor.recompute={actor['recompute']} -> none (routing replay "
-                     "refuses recompute: actor/replay.py)")
-        actor["recompute"] = "none"
     rollout = dict(out.get("rollout") or {})
     own_nodes = int(slurm.get("engine_nodes", 0)) > 0
     rollout.update(prompts_per_step=2, n_samples_per_prompt=4, max_new_tokens=16,
@@ -218,7 +207,49 @@ def rehearsal_data(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
                  "(reasoning_gym reward), checkpoint.load -> random init, bf16 -> fp32, CPU "
                  "Adam offload -> off, GPUs -> CPU; 2 prompts x 4 samples, 16 new tokens, "
                  "seq 128, lr 1e-3 (the weights move each step), no eval, no dynamic sampling")
+    _fit_to_cpu(out, notes)
     return out, notes
+
+
+def _with_engine_urls(cfg: RunConfig) -> RunConfig:
+    """`cfg` with the engine URLs its sbatch script fills in (`launch/slurm.py`)."""
+    ro = cfg.rollout
+    if ro.engine != "sglang" or ro.engine_urls:
+        return cfg
+    urls = [f"http://engine:{30000 + i}" for i in range(ENGINES)]
+    return dataclasses.replace(cfg, rollout=dataclasses.replace(ro, engine_urls=urls))
+
+
+def _refused_on_cpu(data: dict[str, Any]) -> list[Unsupported]:
+    """What the trainer would refuse in the raw rehearsal config on CPU ranks without
+    Transformer Engine (`launch/support.unsupported`)."""
+    cfg = resolve(from_dict(RunConfig, data), RANKS)
+    return unsupported(_with_engine_urls(cfg), cuda=False, te=False)
+
+
+def _fit_to_cpu(data: dict[str, Any], notes: list[str]) -> None:
+    """Turn off, in place, what the trainer refuses on CPU ranks, as `launch/support.py` says it
+    at the time: context parallelism (the portable layer spec has none), the distributed
+    optimizer (its state reloads only with Transformer Engine's Adam), activation recompute under
+    routing replay (while replay refuses it). What is left is `warnings`' to say."""
+    actor, par = data["actor"], data["parallel"]
+    for _ in range(3):  # a fix can clear another rule's item (cp=1 also clears replay's cp)
+        fixed = False
+        for item in _refused_on_cpu(data):
+            if item.key == "parallel.cp" and par.get("cp", 1) > 1:
+                notes.append(f"dropped: parallel.cp={par['cp']} (on CPU: {item.why})")
+                par["cp"], fixed = 1, True
+            elif item.key == "actor.use_distributed_optimizer" and actor.get(
+                    "use_distributed_optimizer"):
+                notes.append(f"replaced: distributed optimizer -> off (on CPU: {item.why})")
+                actor["use_distributed_optimizer"], fixed = False, True
+            elif (item.key == "rollout.routing_replay" and "recompute" in item.why
+                  and actor.get("recompute", "none") != "none"):
+                notes.append(f"replaced: actor.recompute={actor['recompute']} -> none "
+                             f"({item.why})")
+                actor["recompute"], fixed = "none", True
+        if not fixed:
+            return
 
 
 def rehearsal_config(path: str, overrides: Sequence[str] = (), world_size: int = RANKS
@@ -245,9 +276,7 @@ def warnings(path: str, rehearsal: RunConfig, workdir: Path) -> list[str]:
     """What the trainer would refuse (`launch/support.unsupported`): in the config at `path` as
     written, on its cluster (GPUs and Transformer Engine when it asks for GPUs), and in the
     rehearsal on CPU ranks with the engine URLs its script fills in."""
-    from megatron_rl.configurable import ConfigError
     from megatron_rl.launch.slurm import load_job_config
-    from megatron_rl.launch.support import unsupported
 
     lines = []
     try:
@@ -257,11 +286,6 @@ def warnings(path: str, rehearsal: RunConfig, workdir: Path) -> list[str]:
     else:
         lines += [f"WARNING: {path} as written would be refused on its cluster: {item}"
                   for item in unsupported(cfg, cuda=cfg.slurm.gpus_per_node > 0)]
-    ro = rehearsal.rollout
-    if ro.engine == "sglang" and not ro.engine_urls:  # the script starts servers for these
-        urls = [f"http://engine:{30000 + i}" for i in range(ENGINES)]
-        ro = dataclasses.replace(ro, engine_urls=urls)
     lines += [f"WARNING: the rehearsal would be refused: {item}"
-              for item in unsupported(dataclasses.replace(rehearsal, rollout=ro), cuda=False,
-                                      te=False)]
+              for item in unsupported(_with_engine_urls(rehearsal), cuda=False, te=False)]
     return lines
