@@ -267,13 +267,13 @@ def test_supported_config_that_fits_is_fits(capsys):
 
 
 def test_unsupported_setting_is_not_fits_and_is_named(capsys):
-    replay = [*QWEN_SUPPORTED, "rollout.routing_replay=true"]
+    replay = [*QWEN_SUPPORTED, "rollout.routing_replay=true", "parallel.cp=2"]
     assert main(["plan", QWEN, *_sets(replay), *ROOMY]) == 0  # as for DOES NOT FIT
     out = capsys.readouterr().out
     assert "verdict  FITS" not in out
     line = next(x for x in out.splitlines() if x.startswith("verdict  "))
     assert line.startswith("verdict  CANNOT START: rollout.routing_replay=true: ")
-    assert "actor.recompute=full" in line and "actor.recompute=none" in line  # why; fix
+    assert "parallel.cp=2" in line and "parallel.cp=1" in line  # why; fix
     assert re.search(r"^memory   fits: ", out, re.M)  # the memory verdict is still given
     assert "weights (bf16)" in out and "spare" in out  # and the memory table
     # Both refused and over in memory: still CANNOT START, with the memory's overshoot.
@@ -288,8 +288,8 @@ def test_unsupported_setting_is_not_fits_and_is_named(capsys):
 
 
 def test_every_refusal_is_listed_on_its_own_line(capsys):
-    two = [*QWEN_SUPPORTED, "rollout.routing_replay=true", "slurm.engine_tp=16", "slurm.nodes=2",
-           "slurm.engine_ep=16"]
+    two = [*QWEN_SUPPORTED, "rollout.routing_replay=true", "parallel.cp=2", "slurm.engine_tp=16",
+           "slurm.nodes=2", "slurm.engine_ep=16"]
     assert main(["plan", QWEN, *_sets(two), *ROOMY]) == 0
     lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("verdict  ")]
     assert [x.split(":")[1].strip() for x in lines] == ["rollout.weight_sync=tensor",
@@ -371,8 +371,9 @@ def test_sglang_servers_of_the_sbatch_script_need_a_model():
 
 def test_routing_replay_refusals():
     assert _keys(["rollout.routing_replay=true"], cuda=False) == []
-    assert _keys(["rollout.routing_replay=true", "actor.recompute=selective"],
-                 cuda=False) == ["rollout.routing_replay"]
+    for recompute in ("selective", "full"):  # replay follows the recomputed routers
+        assert _keys(["rollout.routing_replay=true", f"actor.recompute={recompute}"],
+                     cuda=False) == []
     cp = ["parallel.cp=2", "parallel.dp=1", "rollout.routing_replay=true"]
     assert _keys(cp, world=2, cuda=True) == ["rollout.routing_replay"]
 

@@ -13,14 +13,25 @@ carry the engine's experts (`MicroBatch.routed_experts`): each router is fed its
 every forward call in order (one per micro-batch), and agreement is counted on the positions
 whose log-prob enters the loss.
 
+Activation recompute (`actor.recompute`): Megatron's full recompute runs each layer's forward
+under no_grad and runs it again inside backward (`CheckpointFunction`), so the router is called
+a second time per micro-batch, from the autograd engine (`torch._C._current_graph_task_id() !=
+-1` only then). Such a call is fed, as Megatron's REPLAY_BACKWARD, the experts of the
+micro-batch being recomputed: every router keeps a FIFO of its forward calls awaiting their
+backward, and every schedule Megatron has backs a model chunk's micro-batches in the order it
+ran their forwards (no pipelining: forward i then backward i; 1F1B and interleaved 1F1B pop
+each chunk's saved tensors with `pop(0)`), and a router belongs to one chunk. The recompute
+pass does not count agreement (the forward counted it). Recompute that does not re-run the
+router (selective: attention only) never enters this path.
+
 Token order: a Megatron router sees its micro-batch as [s, b] flattened (token s * b + j), and
 with sequence parallelism only its TP rank's slice of s. Engine experts come per sample as
 [T, L, K] (T = prompt + response tokens; L = MoE layers of the whole model, in order).
-Activation recompute re-runs routers in backward: not supported with replay yet.
 """
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -69,9 +80,6 @@ def moe_routers(actor: Any) -> list[tuple[int, TopKRouter]]:
 
 def enable_routing_replay(actor: Any) -> None:
     """What `moe_enable_routing_replay=True` does at build time, on a built actor."""
-    if actor.actor_cfg.recompute != "none":
-        raise ValueError("routing replay with actor.recompute != none is not supported: "
-                         "recomputed routers would need REPLAY_BACKWARD; set actor.recompute=none")
     if ps.get_context_parallel_world_size() > 1:
         raise ValueError("routing replay with parallel.cp > 1 is not supported")
     actor.config.moe_enable_routing_replay = True
@@ -108,6 +116,19 @@ def recording(actor: Any) -> Iterator[list[dict[int, torch.Tensor]]]:
             h.remove()
 
 
+def _in_backward() -> bool:
+    """Inside a backward pass (the autograd engine is running a graph task): where activation
+    recompute re-runs a layer's forward."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def _check_tokens(layer: int, args: tuple, target: torch.Tensor) -> None:
+    tokens = args[0].shape[0] * args[0].shape[1]
+    if target.shape[0] != tokens:
+        raise ValueError(f"routing replay: MoE layer {layer} sees {tokens} tokens but "
+                         f"the engine's experts cover {target.shape[0]}")
+
+
 def to_router_order(x_bs: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
     """[b, s, ...] -> [s * b, ...] in Megatron's token order, this TP rank's slice under SP."""
     sb = x_bs.transpose(0, 1)
@@ -132,8 +153,6 @@ def engine_routing(actor: Any, microbatches: Sequence[Any], replay: bool
     if not routers or any(mb.routed_experts is None for mb in microbatches):
         yield counts
         return
-    if replay and actor.actor_cfg.recompute != "none":
-        raise ValueError("routing replay with actor.recompute != none is not supported")
     sp = bool(actor.config.sequence_parallel)
     targets = [to_router_order(mb.routed_experts, sp).long() for mb in microbatches]  # [N, L, K]
     masks = [to_router_order(mb.loss_mask, sp) != 0 for mb in microbatches]  # [N]
@@ -141,25 +160,43 @@ def engine_routing(actor: Any, microbatches: Sequence[Any], replay: bool
     action = RouterReplayAction.REPLAY_FORWARD if replay else RouterReplayAction.RECORD
     handles = []
     for layer, router in routers:
-        calls = {"pre": 0, "post": 0}
+        # i: the next forward call (= micro-batch); pending: forward calls awaiting their
+        # recompute in backward, oldest first; current: (micro-batch, recompute?) of the call
+        # between pre and post.
+        state: dict[str, Any] = {"i": 0, "pending": collections.deque(), "current": None}
 
-        def pre(_module, args, layer=layer, router=router, calls=calls) -> None:
-            i = calls["pre"]
-            calls["pre"] += 1
+        def pre(_module, args, layer=layer, router=router, state=state) -> None:
+            rr = router.router_replay
+            rr.clear_indices()
+            if _in_backward():  # activation recompute re-running this router's forward
+                if not state["pending"]:
+                    raise RuntimeError(f"routing replay: MoE layer {layer} recomputed a forward "
+                                       "in backward that it had not run")
+                i = state["pending"].popleft()
+                state["current"] = (i, True)
+                _check_tokens(layer, args, targets[i])
+                if replay:
+                    rr.replay_backward_list.append(targets[i][:, layer])
+                    rr.set_router_replay_action(RouterReplayAction.REPLAY_BACKWARD)
+                else:
+                    rr.clear_router_replay_action()  # its own choice again; nothing to count
+                return
+            i = state["i"]
+            state["i"] += 1
             if i >= len(targets):
                 raise RuntimeError(f"routing replay: MoE layer {layer} ran more forwards than "
                                    f"the {len(targets)} micro-batches given")
-            tokens = args[0].shape[0] * args[0].shape[1]
-            if targets[i].shape[0] != tokens:
-                raise ValueError(f"routing replay: MoE layer {layer} sees {tokens} tokens but "
-                                 f"the engine's experts cover {targets[i].shape[0]}")
-            router.router_replay.clear_indices()
-            router.router_replay.set_target_indices(targets[i][:, layer])
-            router.router_replay.set_router_replay_action(action)
+            _check_tokens(layer, args, targets[i])
+            state["pending"].append(i)
+            state["current"] = (i, False)
+            rr.set_target_indices(targets[i][:, layer])
+            rr.set_router_replay_action(action)
 
-        def post(_module, _args, _output, layer=layer, router=router, calls=calls) -> None:
-            i = calls["post"]
-            calls["post"] += 1
+        def post(_module, _args, _output, layer=layer, router=router, state=state) -> None:
+            i, recomputed = state["current"]
+            state["current"] = None
+            if recomputed:
+                return
             own = router.router_replay.own_topk.sort(-1).values
             engine = targets[i][:, layer].to(own.device).sort(-1).values
             same = (own == engine).all(-1)[masks[i].to(own.device)]

@@ -212,20 +212,12 @@ def _routing_replay(cfg: RunConfig, engines: _Engines, cuda: bool, te: bool
     """`actor/replay.enable_routing_replay` (docs/design.md section 6)."""
     if not cfg.rollout.routing_replay:
         return []
-    out = []
-    recompute = cfg.actor.recompute
-    if recompute != "none":
-        out.append(Unsupported(
-            "rollout.routing_replay", "true",
-            f"replaying the engine's experts under actor.recompute={recompute} is not "
-            "supported (the recomputed routers would need Megatron's REPLAY_BACKWARD)",
-            "set actor.recompute=none, or rollout.routing_replay=false"))
     if cfg.parallel.cp > 1:
-        out.append(Unsupported(
+        return [Unsupported(
             "rollout.routing_replay", "true",
             f"routing replay with parallel.cp={cfg.parallel.cp} is not supported",
-            "set parallel.cp=1, or rollout.routing_replay=false"))
-    return out
+            "set parallel.cp=1, or rollout.routing_replay=false")]
+    return []
 
 
 def _context_parallel(cfg: RunConfig, engines: _Engines, cuda: bool, te: bool
