@@ -1,0 +1,177 @@
+"""Weight sync into served engines over the wire a cluster uses (docs/design.md section 6).
+
+`torchrun --nproc-per-node 2 -m megatron_rl train` at PP=2, TP=2 (+SP) and EP=2, with two
+`megatron-rl serve` processes as its engines (random weights until the first sync), and
+`rollout.weight_sync=distributed`: each pipeline stage's writer forms its own gloo update group
+with both servers and broadcasts its layers. After every sync the engines sample with the
+actor's weights: the actor's log-probs of the engines' samples equal the engines' own (fp32),
+step after step, so generation goes on with the new weights. `disk` runs the same check at
+PP=2, and `tensor` with the colocated in-process engine, stage 1 relaying to rank 0. A server
+killed while it receives fails the step within the timeout, naming its URL; with a server back
+the run resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = "configs/tiny_moe_cpu.yaml"
+PARITY = 1e-3
+"""Largest |actor - engine| log-prob on a trained token: fp32 with the same weights gives
+~1e-6; an engine one update behind gives > 1e-2 at this learning rate."""
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "LOCAL_RANK")}
+    return env | {"OMP_NUM_THREADS": "1"}
+
+
+def _sets(tmp: Path) -> list[str]:
+    return [f"data.tokenizer_cache={tmp}/tok", "data.train_size=100", "data.eval_size=10"]
+
+
+@pytest.fixture()
+def tokenizer(tmp_path: Path) -> Path:
+    """Train the demo tokenizer once, before the servers and the trainer read it."""
+    from megatron_rl.config import load_config
+    from megatron_rl.data import tokenizer_dir
+
+    cfg = load_config(CONFIG, _sets(tmp_path))
+    tokenizer_dir(cfg.data, cfg.model.vocab_size)
+    return tmp_path
+
+
+class Server:
+    """A `megatron-rl serve --config` process (random weights of the config's model)."""
+
+    def __init__(self, tmp: Path, port: int = 0) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "megatron_rl", "serve", "--config", CONFIG, "--port",
+             str(port), *[a for s in _sets(tmp) for a in ("--set", s)]],
+            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(x) for x in self.proc.stdout],
+                         daemon=True).start()
+        try:
+            line = lines.get(timeout=180)
+        except queue.Empty:
+            self.proc.kill()
+            raise RuntimeError("megatron-rl serve did not print its URL in 180 s") from None
+        self.url = line.split("ready at ")[1].strip()
+        self.port = int(self.url.rsplit(":", 1)[1])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def _train(tmp: Path, urls: list[str], *sets: str, steps: int = 2,
+           timeout_s: float = 600) -> subprocess.CompletedProcess:
+    engine = (["rollout.engine=sglang", f"rollout.engine_urls={json.dumps(urls)}"] if urls
+              else ["rollout.engine=transformers"])
+    base = [*_sets(tmp), *engine, "rollout.prompts_per_step=2", "rollout.n_samples_per_prompt=4",
+            "rollout.max_new_tokens=12", "actor.seq_length=64", "actor.micro_batch_size=2",
+            "rewards.num_workers=0", "algorithm.dynamic_sampling=false", "eval.size=0",
+            "train.eval_interval=0", f"train.steps={steps}", "checkpoint.save_interval=1",
+            "rollout.request_timeout_s=20", "rollout.max_retries=0", "parallel.timeout_s=60",
+            f"train.output_dir={tmp}/run", f"checkpoint.dir={tmp}/ck",
+            "logging.tensorboard=false", "logging.plot=false", *sets]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           "2", "-m", "megatron_rl", "train", CONFIG, *[a for s in base for a in ("--set", s)]]
+    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=timeout_s)
+
+
+def _steps(tmp: Path) -> list[dict]:
+    rows = [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "mismatch/logp_abs_diff_max" in r]
+
+
+LAYOUTS = {  # (servers, settings)
+    "pp2-distributed": (2, ["parallel.pp=2", "rollout.weight_sync=distributed"]),
+    "tp2sp-distributed": (2, ["parallel.tp=2", "parallel.sequence_parallel=true",
+                              "rollout.weight_sync=distributed"]),
+    "ep2-distributed": (2, ["parallel.ep=2", "rollout.weight_sync=distributed"]),
+    "pp2-disk": (2, ["parallel.pp=2", "rollout.weight_sync=disk"]),
+    # the in-process engine on rank 0, stage 1's buckets relayed to it; colocated
+    "pp2-tensor-embedded": (0, ["parallel.pp=2", "rollout.weight_sync=tensor"]),
+}
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_engines_sample_with_the_actors_weights(tokenizer: Path, layout: str) -> None:
+    count, sets = LAYOUTS[layout]
+    servers = [Server(tokenizer) for _ in range(count)]
+    try:
+        proc = _train(tokenizer, [s.url for s in servers], *sets, steps=2)
+    finally:
+        for s in servers:
+            s.stop()
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    steps = _steps(tokenizer)
+    assert [r["step"] for r in steps] == [1, 2]
+    for r in steps:  # each step sampled right after a sync: engine == actor
+        assert r["weight_sync/bytes"] > 0 and r["actor/skipped"] == 0.0
+        assert r["mismatch/logp_abs_diff_max"] < PARITY, r
+        assert r["response_length/mean"] > 0
+
+
+@pytest.mark.timeout(900)
+def test_a_server_killed_mid_broadcast_fails_the_step_and_the_run_resumes(
+        tokenizer: Path) -> None:
+    """Kill one server as soon as a broadcast starts; the trainer names that URL within the
+    timeout; with a server back on the same port, `--resume` continues from the checkpoint."""
+    servers = [Server(tokenizer), Server(tokenizer)]
+    victim = servers[1]
+    sets = ["parallel.pp=2", "rollout.weight_sync=distributed", "rollout.weight_sync_bucket_mb=1"]
+    done = threading.Event()
+
+    def kill_at_second_sync() -> None:
+        # the second sync follows step 1's checkpoint: kill the server once it exists
+        ck = tokenizer / "ck"
+        while not done.is_set():
+            if any(ck.glob("*1*")):
+                time.sleep(0.3)  # into the next step's sync
+                victim.proc.kill()
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_at_second_sync, daemon=True)
+    killer.start()
+    try:
+        start = time.monotonic()
+        failed = _train(tokenizer, [s.url for s in servers], *sets, steps=3)
+        took = time.monotonic() - start
+    finally:
+        done.set()
+    assert failed.returncode != 0
+    assert victim.url in failed.stderr, failed.stderr[-3000:]
+    assert took < 300, took
+    back = Server(tokenizer, port=victim.port)
+    try:
+        resumed = _train(tokenizer, [servers[0].url, back.url], *sets,
+                         "checkpoint.resume=true", steps=3)
+    finally:
+        for s in (servers[0], back):
+            s.stop()
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "resumed from" in resumed.stdout
+    steps = _steps(tokenizer)
+    assert steps[-1]["step"] == 3 and steps[-1]["mismatch/logp_abs_diff_max"] < PARITY
