@@ -137,7 +137,8 @@ def test_table_prints_for_every_shipped_config(path, capsys):
 def test_deepseek_v3_layout_and_memory():
     cfg, plan = _plan(DSV3, gpus=128)
     assert plan.layout.world == 128 and plan.layout.stage_layers == [16, 16, 16, 13]
-    assert plan.engine.count == 2 and plan.engine.colocated and plan.fits
+    assert plan.engine.count == 1 and not plan.engine.colocated and plan.fits  # own nodes
+    assert plan.can_start, plan.unsupported
     # The optimizer is on the host; weights bf16 (2 B) and fp32 grads (4 B) per parameter.
     assert plan.worst.optimizer == 0 and plan.worst.optimizer_host > 0
     assert plan.worst.grads == 2 * plan.worst.weights
@@ -267,24 +268,24 @@ def test_supported_config_that_fits_is_fits(capsys):
 
 
 def test_unsupported_setting_is_not_fits_and_is_named(capsys):
-    replay = [*QWEN_SUPPORTED, "rollout.routing_replay=true", "parallel.cp=2"]
+    replay = [*QWEN_SUPPORTED, "parallel.cp=2"]
     assert main(["plan", QWEN, *_sets(replay), *ROOMY]) == 0  # as for DOES NOT FIT
     out = capsys.readouterr().out
     assert "verdict  FITS" not in out
     line = next(x for x in out.splitlines() if x.startswith("verdict  "))
-    assert line.startswith("verdict  CANNOT START: rollout.routing_replay=true: ")
-    assert "parallel.cp=2" in line and "parallel.cp=1" in line  # why; fix
+    assert line.startswith("verdict  CANNOT START: parallel.cp=2: ")
+    assert "parallel.cp=1" in line  # the fix
     assert re.search(r"^memory   fits: ", out, re.M)  # the memory verdict is still given
     assert "weights (bf16)" in out and "spare" in out  # and the memory table
     # Both refused and over in memory: still CANNOT START, with the memory's overshoot.
     assert main(["plan", QWEN, *_sets(replay), "--gpu-mem-gib", "20"]) == 0
     out = capsys.readouterr().out
-    assert "verdict  CANNOT START: rollout.routing_replay=true" in out
+    assert "verdict  CANNOT START: parallel.cp=2" in out
     assert re.search(r"^memory   does not fit: over in ", out, re.M)
     cfg = load_config(QWEN, replay, world_size=8)
     plan = make_plan(cfg, Hardware(gpu_mem_gib=1000.0))
     assert plan.fits and not plan.can_start
-    assert [u.key for u in plan.unsupported] == ["rollout.routing_replay"]
+    assert [u.key for u in plan.unsupported] == ["parallel.cp"]
 
 
 def test_every_refusal_is_listed_on_its_own_line(capsys):
@@ -293,7 +294,7 @@ def test_every_refusal_is_listed_on_its_own_line(capsys):
     assert main(["plan", QWEN, *_sets(two), *ROOMY]) == 0
     lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("verdict  ")]
     assert [x.split(":")[1].strip() for x in lines] == ["rollout.weight_sync=tensor",
-                                                        "rollout.routing_replay=true"]
+                                                        "parallel.cp=2"]
 
 
 def test_support_is_torch_free():
@@ -374,13 +375,12 @@ def test_routing_replay_refusals():
     for recompute in ("selective", "full"):  # replay follows the recomputed routers
         assert _keys(["rollout.routing_replay=true", f"actor.recompute={recompute}"],
                      cuda=False) == []
-    cp = ["parallel.cp=2", "parallel.dp=1", "rollout.routing_replay=true"]
-    assert _keys(cp, world=2, cuda=True) == ["rollout.routing_replay"]
 
 
-def test_context_parallel_needs_transformer_engine():
+
+def test_context_parallel_is_refused_on_every_device():
     cp = ["parallel.cp=2", "parallel.dp=1"]
-    assert _keys(cp, world=2, cuda=True) == []
+    assert _keys(cp, world=2, cuda=True) == ["parallel.cp"]
     assert _keys(cp, world=2, cuda=True, te=False) == ["parallel.cp"]
     assert _keys(cp, world=2, cuda=False) == ["parallel.cp"]
 

@@ -75,6 +75,9 @@ class Actor:
         total_steps: int = 1,
     ) -> None:
         self.model_cfg, self.parallel_cfg, self.actor_cfg = model, parallel, actor
+        if parallel.cp > 1:  # launch/support.py says the same to `plan`
+            raise ValueError(f"parallel.cp={parallel.cp}: context parallelism is not wired (the "
+                             "trainer feeds every rank whole sequences); set parallel.cp=1")
         self.arch: Arch | None = arch_of(model) if model.hf_architecture else None
         """The Hugging Face architecture of the weights (from the config, or set by `load_hf`)."""
         self.model, self.config = build_model(model, parallel, actor)

@@ -207,31 +207,19 @@ def _engine_model(cfg: RunConfig, engines: _Engines, cuda: bool, te: bool) -> li
                         "set slurm.engine_model_path (or checkpoint.load) to an HF model dir")]
 
 
-def _routing_replay(cfg: RunConfig, engines: _Engines, cuda: bool, te: bool
-                    ) -> list[Unsupported]:
-    """`actor/replay.enable_routing_replay` (docs/design.md section 6)."""
-    if not cfg.rollout.routing_replay:
-        return []
-    if cfg.parallel.cp > 1:
-        return [Unsupported(
-            "rollout.routing_replay", "true",
-            f"routing replay with parallel.cp={cfg.parallel.cp} is not supported",
-            "set parallel.cp=1, or rollout.routing_replay=false")]
-    return []
-
-
 def _context_parallel(cfg: RunConfig, engines: _Engines, cuda: bool, te: bool
                       ) -> list[Unsupported]:
-    """`actor/layers.SDPACoreAttention`: the portable layer spec (used without CUDA or without
-    Transformer Engine, `actor/spec.py`) has no context-parallel attention."""
+    """`Actor` (docs/design.md section 7): Megatron-Core's context parallelism expects each CP
+    rank to be fed its own slices of every sequence (and the loss reduced over CP); the trainer
+    feeds whole sequences, so cp > 1 is refused on every device."""
     cp = cfg.parallel.cp
-    if cp == 1 or (cuda and te):
+    if cp == 1:
         return []
-    where = "without CUDA" if not cuda else "without Transformer Engine"
     return [Unsupported("parallel.cp", str(cp),
-                        f"context parallelism needs Transformer Engine's attention, and {where} "
-                        "the model is built from the portable spec (cp=1 only)",
-                        "set parallel.cp=1, or run on GPUs with Transformer Engine")]
+                        "context parallelism is not wired: the trainer feeds every rank whole "
+                        "sequences, and Megatron-Core needs each CP rank's slices",
+                        "set parallel.cp=1 (spread the sequence's memory with tp + "
+                        "sequence_parallel and recompute instead)")]
 
 
 def _optimizer_reload(cfg: RunConfig, engines: _Engines, cuda: bool, te: bool
@@ -285,5 +273,5 @@ def _evaluation(cfg: RunConfig, engines: _Engines, cuda: bool, te: bool) -> list
                         "train.eval_interval=0 and eval.size=0")]
 
 
-_RULES: tuple[Rule, ...] = (_architecture, _weight_sync, _engine_model, _routing_replay,
+_RULES: tuple[Rule, ...] = (_architecture, _weight_sync, _engine_model,
                             _context_parallel, _optimizer_reload, _reward_columns, _evaluation)
