@@ -346,7 +346,6 @@ def test_distributed_sync_needs_engines_apart_from_the_trainer_gpus():
     assert _keys([*GPU_JOB, *urls], cuda=False) == []  # gloo on CPU
     # Engines on nodes of their own, or user-given servers of a CPU job: fine.
     assert _keys([*GPU_JOB, *urls, "slurm.nodes=2", "slurm.engine_nodes=1"], cuda=True) == []
-    assert _keys(urls, cuda=True) == []
 
 
 def test_distributed_sync_needs_served_engines():
@@ -420,8 +419,8 @@ def test_evaluation_needs_an_engine_and_prompts():
     assert _keys(["data.eval_size=0", "eval.size=0"], cuda=False) == []
 
 
-def test_sglang_in_process_loads_checkpoint_load():
-    in_process = ["rollout.engine=sglang"]  # no engine_urls, no GPU job: inside the trainer
-    assert _keys(in_process, cuda=True) == ["checkpoint.load"]
-    assert _keys([*in_process, "checkpoint.load=/models/tiny"], cuda=True) == []
-    assert _keys(in_process, cuda=False) == []  # no CUDA: the embedded engine stands in
+def test_script_started_sglang_servers_need_a_model():
+    served = ["rollout.engine=sglang"]  # no engine nodes: servers on the trainer's nodes
+    assert _keys(served, cuda=True) == ["slurm.engine_model_path"]
+    assert _keys([*served, "checkpoint.load=/models/tiny"], cuda=True) == []
+    assert _keys([*served, "slurm.engine_server=megatron-rl"], cuda=False) == []  # CPU serve

@@ -18,12 +18,10 @@ Where the engines are (docs/design.md sections 6-7), as both `plan` and the trai
 - `rollout.load_dir`: no engine at all (nothing generates, nothing syncs);
 - `slurm.engine_nodes > 0`: engine servers on nodes of their own, started by the sbatch script
   (which also sets `rollout.engine=sglang` and `rollout.engine_urls` for the trainer);
-- `rollout.engine=sglang` on a GPU job (`slurm.gpus_per_node > 0`, no engine nodes): engine
-  servers on the trainer's nodes and GPUs, started by the sbatch script (it fills
-  `rollout.engine_urls`);
-- `rollout.engine=sglang` with `rollout.engine_urls` otherwise: served, wherever the URLs point;
-- `rollout.engine=sglang` with neither, and no CUDA: the trainer falls back to the embedded
-  engine (supported); with CUDA: SGLang inside the trainer process;
+- `rollout.engine=sglang` and no engine nodes: engine servers on the trainer's nodes, started by
+  the sbatch script (SGLang on GPUs, `megatron-rl serve` on CPU), which sets
+  `rollout.engine_urls` to them. (Run without `submit`, the trainer uses the URLs given, or
+  starts SGLang in its own process with CUDA, or the embedded engine);
 - `rollout.engine=transformers`: the embedded engine on rank 0.
 
 Torch-free, as config loading is: it reads the config and nothing else (no filesystem, no
@@ -68,7 +66,7 @@ class Unsupported:
 class _Engines:
     """Where the rollout engines run (see the module docstring)."""
 
-    kind: Literal["none", "embedded", "in-process", "served"]
+    kind: Literal["none", "embedded", "served"]
     own_nodes: bool = False
     """Served on nodes of their own (`slurm.engine_nodes > 0`)."""
     by_script: bool = False
@@ -79,7 +77,7 @@ class _Engines:
     @property
     def colocated(self) -> bool:
         """The engines share the trainer's host and GPUs."""
-        return self.kind in ("embedded", "in-process") or self.by_script
+        return self.kind == "embedded" or self.by_script
 
 
 def _engines(cfg: RunConfig, cuda: bool) -> _Engines:
@@ -91,11 +89,9 @@ def _engines(cfg: RunConfig, cuda: bool) -> _Engines:
         return _Engines("served", own_nodes=True, nodes_per_engine=span)
     if ro.engine != "sglang":
         return _Engines("embedded")
-    if slurm.gpus_per_node > 0:
-        return _Engines("served", by_script=True, nodes_per_engine=span)
-    if ro.engine_urls:
-        return _Engines("served")
-    return _Engines("in-process" if cuda else "embedded")
+    # submit's script starts the servers on the trainer's nodes (SGLang on GPUs, `megatron-rl
+    # serve` on CPU) and sets rollout.engine_urls to them (launch/slurm.py)
+    return _Engines("served", by_script=True, nodes_per_engine=span)
 
 
 def unsupported(cfg: RunConfig, *, cuda: bool = True, te: bool | None = None
@@ -188,15 +184,9 @@ def _weight_sync(cfg: RunConfig, engines: _Engines, cuda: bool, te: bool) -> lis
 
 
 def _engine_model(cfg: RunConfig, engines: _Engines, cuda: bool, te: bool) -> list[Unsupported]:
-    """SGLang loads a Hugging Face model at start: the in-process engine `checkpoint.load`
-    (`Trainer._sglang_in_process`), the servers of the sbatch script `slurm.engine_model_path`,
-    else `checkpoint.load` (`launch/slurm.py`)."""
+    """SGLang servers load a Hugging Face model at start: `slurm.engine_model_path`, else
+    `checkpoint.load` (`launch/slurm.py`)."""
     slurm = cfg.slurm
-    if engines.kind == "in-process" and not cfg.checkpoint.load:
-        return [Unsupported("checkpoint.load", "null",
-                            "SGLang's in-process engine (rollout.engine=sglang without "
-                            "engine_urls, with CUDA) loads its model from checkpoint.load",
-                            "set checkpoint.load to an HF model dir, or rollout.engine_urls")]
     starts = engines.own_nodes or engines.by_script
     if not starts or slurm.engine_server != "sglang" or slurm.engine_model_path \
             or cfg.checkpoint.load:
