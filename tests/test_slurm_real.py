@@ -165,11 +165,8 @@ def test_submit_requeue_resume_finish(cluster: None, tmp_path: Path) -> None:
         # worker, ignore it)
         saved = re.search(r"stop signal received: saved step (\d+)", text)
         assert saved and int(saved.group(1)) == first, text
-        # 2. SIGUSR1 to the batch shell, as --signal=B:USR1@N sends it: the ranks save and
-        # exit 0, the script requeues the job.
-        second = stop_with_usr1(job, ckpt, first + 1, log, 150)
-        assert second > first and log.read_text().count("stop signal received") >= 2
-        # 3. Finishes: out of the queue, COMPLETED in the job-completion log, all steps logged.
+        # (SIGUSR1 to the batch shell, as --signal=B:USR1@N sends it, is the Qwen3 rehearsal's.)
+        # 2. Finishes: out of the queue, COMPLETED in the job-completion log, all steps logged.
         finished(job, log, STEPS, 240)
     finally:
         subprocess.run(["scancel", job], capture_output=True, timeout=30)
