@@ -29,8 +29,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 STATE = Path(os.environ.get("SLURM_STATE_DIR", "/run/megatron-rl-slurm"))
-STEPS = 30
-"""Enough that each signal, sent a step after a checkpoint, lands well before the run ends (a
+STEPS = 12
+"""Enough that the requeue, sent after the step-2 checkpoint, lands well before the run ends (a
 tiny step takes about half a second)."""
 PARITY = 1e-3
 """Bound on |actor - engine| token log-prob after a sync (fp32): measured ~1e-6 here, while an
