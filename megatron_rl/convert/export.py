@@ -19,15 +19,18 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from safetensors.torch import save_file
 
+from megatron_rl.convert import te_names
 from megatron_rl.convert.load import Target, targets
 from megatron_rl.convert.maps import TIED_OUTPUT, Arch
 from megatron_rl.convert.reader import INDEX
 
 
 def _gather_tp(t: Target) -> torch.Tensor:
-    """The full (TP-unsharded) Megatron tensor of a local parameter."""
+    """The full (TP-unsharded) Megatron tensor of a local parameter. The split dimension is the
+    rule's (rows, columns for `row`), not the parameter's `partition_dim`: TE marks expert
+    linears with explicit communication `partition_dim=0` whatever their mode (`te_names`)."""
     p = t.param.detach()
-    if not getattr(t.param, "tensor_model_parallel", False):
+    if not getattr(t.param, "tensor_model_parallel", False) or t.tp_duplicated:
         return p
     group = (ps.get_expert_tensor_parallel_group() if t.is_expert
              else ps.get_tensor_model_parallel_group())
@@ -36,7 +39,7 @@ def _gather_tp(t: Target) -> torch.Tensor:
         return p
     parts = [torch.empty_like(p) for _ in range(size)]
     dist.all_gather(parts, p.contiguous(), group=group)
-    dim = t.param.partition_dim
+    dim = 1 if t.rule.kind == "row" else 0
     if t.rule.kind == "glu":  # each rank holds [gate_r; up_r]
         halves = [x.chunk(2, dim=0) for x in parts]
         return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
@@ -91,9 +94,9 @@ def iter_hf_tensors(chunks: list[torch.nn.Module], arch: Arch, model_cfg
 
 def _count_local_experts(chunks: list[torch.nn.Module]) -> int:
     for chunk in chunks:
-        for module in chunk.modules():
-            if hasattr(module, "local_experts"):
-                return len(module.local_experts)
+        num = te_names.num_local_experts(chunk)
+        if num is not None:
+            return num
     return 1
 
 

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from megatron_rl.convert import te_names
 from megatron_rl.convert.maps import Arch, Rule, template_of
 from megatron_rl.convert.reader import CheckpointError, SafetensorsReader
 
@@ -49,18 +50,24 @@ class Target:
     layer: int | None
     expert: int | None
     is_expert: bool
+    tp_duplicated: bool = False
+    """The whole tensor on every TP rank although the rule's kind splits it (TE's duplicated
+    linears, `te_names.tp_duplicated`)."""
 
 
-def _shard(is_expert: bool) -> Shard:
-    if is_expert:
+def _shard(t: Target) -> Shard:
+    if t.tp_duplicated:
+        return Shard(0, 1)
+    if t.is_expert:
         return Shard(ps.get_expert_tensor_parallel_rank(),
                      ps.get_expert_tensor_parallel_world_size())
     return Shard(ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size())
 
 
 def _global_indices(chunk: torch.nn.Module, name: str) -> tuple[str, int | None, int | None]:
-    """Template name with the *global* layer and expert index of a local parameter."""
-    template, layer, expert = template_of(name)
+    """Template name with the *global* layer and expert index of a local parameter (of the
+    portable or the TE spec: `te_names.canonical` gives the portable name)."""
+    template, layer, expert = template_of(te_names.canonical(name))
     if layer is not None:
         layer = chunk.decoder.layers[layer].layer_number - 1
     if expert is not None:
@@ -70,31 +77,43 @@ def _global_indices(chunk: torch.nn.Module, name: str) -> tuple[str, int | None,
 
 
 def _num_local_experts(chunk: torch.nn.Module) -> int:
-    for module in chunk.modules():
-        if hasattr(module, "local_experts"):
-            return len(module.local_experts)
-    raise CheckpointError("model has expert parameters but no local_experts module")
+    num = te_names.num_local_experts(chunk)
+    if num is None:
+        raise CheckpointError("model has expert parameters but no experts module")
+    return num
 
 
 def targets(chunks: list[torch.nn.Module], arch: Arch, model_cfg) -> Iterator[Target]:
-    """Every local parameter of the (unwrapped) model chunks with its rule."""
+    """Every local parameter of the (unwrapped) model chunks with its rule. TE/grouped-GEMM
+    names are read through `te_names.canonical`, so the same rules serve both layer specs."""
     rules = arch.rules(model_cfg)
     for chunk in chunks:
         # Buffers with a checkpoint counterpart (DeepSeek's router expert bias) load too.
         mapped_buffers = [(n, b) for n, b in chunk.named_buffers()
-                          if template_of(n)[0] in rules]
+                          if template_of(te_names.canonical(n))[0] in rules]
+        seen: dict[tuple[str, int | None, int | None], str] = {}
         for name, param in list(chunk.named_parameters()) + mapped_buffers:
+            if te_names.ignored(name):
+                continue
             template, layer, expert = _global_indices(chunk, name)
             if template not in rules:
                 raise CheckpointError(f"{arch.name}: no mapping for Megatron parameter {name!r} "
                                       f"({template}); the model and architecture disagree")
-            yield Target(name, param, rules[template], layer, expert, expert is not None)
+            key = (template, layer, expert)
+            if key in seen:  # e.g. a fused layer norm next to a separate one
+                raise CheckpointError(f"{arch.name}: Megatron parameters {seen[key]!r} and "
+                                      f"{name!r} are both {template} (layer {layer}, expert "
+                                      f"{expert})")
+            seen[key] = name
+            is_expert = expert is not None
+            duplicated = te_names.tp_duplicated(te_names.owner(chunk, name), is_expert)
+            yield Target(name, param, rules[template], layer, expert, is_expert, duplicated)
 
 
 def _read_local(reader: SafetensorsReader, t: Target, model_cfg, padded_vocab: int) -> torch.Tensor:
     """This rank's part of the Megatron tensor, read slice by slice from the checkpoint."""
     names = t.rule.hf_names(t.layer, t.expert)
-    shard = _shard(t.is_expert)
+    shard = _shard(t)
     kind = t.rule.kind
     if kind == "replicated":
         return reader.read(names[0])
