@@ -91,8 +91,9 @@ def _free_port() -> int:
 # -- (b) raw gloo broadcast: both sides run the same schedule ----------------------------------
 
 def _raw_round(pg, tensors: list[torch.Tensor] | None, spec: dict, flat: bool) -> float:
-    """One round: every tensor (or the flat buffer) from rank 0, then a 1-element all-reduce."""
-    from megatron_rl.rollout.weight_sync import broadcast_tensor
+    """One round: every tensor (or the flat buffer) from rank 0, all broadcasts started before
+    any is waited for (the fastest raw schedule), then a 1-element all-reduce."""
+    from megatron_rl.rollout.weight_sync import broadcast_tensors
 
     t0 = time.perf_counter()
     if tensors is None:  # receiver: fresh buffers, as an engine allocates per bucket
@@ -100,8 +101,7 @@ def _raw_round(pg, tensors: list[torch.Tensor] | None, spec: dict, flat: bool) -
         tensors = ([torch.empty(spec["flat_numel"])] if flat else
                    [torch.empty(tuple(s), dtype=d) for s, d in zip(spec["shapes"], dtypes,
                                                                     strict=True)])
-    for i, t in enumerate(tensors):
-        broadcast_tensor(pg, t, f"tensor {i}", TIMEOUT_S)
+    broadcast_tensors(pg, [(f"tensor {i}", t) for i, t in enumerate(tensors)], TIMEOUT_S)
     pg.allreduce([torch.zeros(1)]).wait()
     return time.perf_counter() - t0
 

@@ -29,7 +29,11 @@ from megatron_rl.convert import arch_of
 from megatron_rl.rollout.engine import EngineError
 from megatron_rl.rollout.hf_weights import HFWeightApplier, iter_checkpoint
 from megatron_rl.rollout.types import GenerateOutput, SamplingParams
-from megatron_rl.rollout.weight_sync import broadcast_tensor, open_update_group
+from megatron_rl.rollout.weight_sync import (
+    broadcast_tensors,
+    close_update_group,
+    open_update_group,
+)
 
 
 def _truncate(logits_BV: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -293,6 +297,7 @@ class TransformersEngine:
         """
         if backend not in ("gloo", "nccl"):
             raise EngineError(f"engine {self.address}: unknown backend {backend!r}")
+        self.destroy_weights_update_group(group_name)  # a trainer re-forming it after a failure
         self._groups[group_name] = open_update_group(
             master_address, master_port, rank_offset, world_size, group_name, self.timeout_s)
 
@@ -307,16 +312,17 @@ class TransformersEngine:
         pg, _store = self._groups[group_name]
         tensors = [torch.empty(tuple(s), dtype=getattr(torch, d.removeprefix("torch.")))
                    for d, s in zip(dtypes, shapes, strict=True)]
-        for name, t in zip(names, tensors, strict=True):
-            try:
-                broadcast_tensor(pg, t, name, self.timeout_s)
-            except EngineError as e:
-                raise EngineError(f"engine {self.address}: {e}") from e
+        try:
+            broadcast_tensors(pg, list(zip(names, tensors, strict=True)), self.timeout_s)
+        except EngineError as e:
+            raise EngineError(f"engine {self.address}: {e}") from e
         self.update_weights_from_tensor(list(zip(names, tensors, strict=True)))
 
     def destroy_weights_update_group(self, group_name: str = "weight_update_group") -> None:
         """Leave the update group (SGLang's /destroy_weights_update_group)."""
-        self._groups.pop(group_name, None)
+        old = self._groups.pop(group_name, None)
+        if old is not None:
+            close_update_group(old[0])
 
     # ---- memory and housekeeping ------------------------------------------------------------
 

@@ -27,20 +27,23 @@ In every mode the engines flush their prefix caches once, after the last stage.
 from __future__ import annotations
 
 import datetime
+import queue
 import shutil
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import torch
 import torch.distributed as dist
 
 from megatron_rl.rollout.engine import EngineError, RolloutEngine
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -175,12 +178,15 @@ class WeightSync:
             self._deliver(engines, writer, relay, count, group if self.mode == "distributed"
                           and writer and engines else None)
         except EngineError:
-            self._group = None  # broken: the next sync forms a new one
+            if self._group is not None:  # broken: the next sync forms a new one
+                self._group.close(tell_engines=False)
+                self._group = None
             raise
 
     def _deliver(self, engines: Sequence[RolloutEngine], writer: bool, relay: bool,
                  count: _Counter, group: _UpdateGroup | None) -> None:
-        for bucket in self.actor.hf_buckets(self.arch, self.bucket_bytes):
+        # the next bucket is gathered and converted while this one travels
+        for bucket in one_ahead(self.actor.hf_buckets(self.arch, self.bucket_bytes)):
             if relay:
                 _send_object(bucket, dst=0)
                 count.add(bucket)
@@ -234,6 +240,29 @@ class WeightSync:
                 shutil.rmtree(old, ignore_errors=True)
 
 
+def one_ahead(items: Iterator[T]) -> Iterator[T]:
+    """`items`, the next one produced by a thread while the caller works on the current one
+    (so at most two are held). The producer's error is raised here, in order."""
+    q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=1)
+
+    def produce() -> None:
+        try:
+            for item in items:
+                q.put(("item", item))
+            q.put(("done", None))
+        except BaseException as e:  # noqa: BLE001 - raised in the consumer
+            q.put(("error", e))
+
+    threading.Thread(target=produce, daemon=True, name="weight-sync-prefetch").start()
+    while True:
+        kind, value = q.get()
+        if kind == "done":
+            return
+        if kind == "error":
+            raise value
+        yield value
+
+
 def _barrier(stages: int) -> None:
     if stages > 1:
         dist.barrier()
@@ -282,14 +311,17 @@ class _UpdateGroup:
                   lambda: broadcast_bucket(self.pg, bucket, self.timeout_s, self.device),
                   f"broadcast in update group {self.name!r}", self.timeout_s)
 
-    def close(self) -> None:
-        for engine in self.engines:
+    def close(self, tell_engines: bool = True) -> None:
+        """Destroy this side of the group; with `tell_engines`, ask each engine to leave."""
+        for engine in self.engines if tell_engines else []:
             destroy = getattr(engine, "destroy_weights_update_group", None)
             if destroy is not None:
                 try:
                     destroy(self.name)
                 except EngineError:
                     pass
+        if self.pg is not None:
+            close_update_group(self.pg)
         self.pg = self.store = None
 
 
@@ -358,24 +390,37 @@ def open_update_group(master_address: str, master_port: int, rank: int, world_si
                       group_name: str = "weight_update_group", timeout_s: float = 60.0,
                       backend: str = "gloo", device: torch.device | None = None
                       ) -> tuple[Any, Any]:
-    """A process group of its own (own TCP store), apart from any default group: gloo, or NCCL
-    on `device` (a CUDA device). Rank 0 (the trainer's writer) hosts the store. Returns
-    (process group, store); keep both alive."""
+    """A process group of its own, apart from any default group, formed exactly as SGLang's
+    `init_custom_process_group` forms the engine's side (so the two meet on the same store
+    keys): a TCP store hosted by rank 0 (the trainer's writer), prefixed by the group name, and
+    torch's own group constructor; gloo, or NCCL (`device`: unused, the
+    tensors say where). Returns (process group, store); keep both alive, `close_update_group`
+    when done (a group name may then be formed again)."""
+    from torch.distributed import distributed_c10d as c10d
+
+    del device
     timeout = datetime.timedelta(seconds=timeout_s)
     try:
-        store = torch.distributed.TCPStore(master_address, master_port, world_size,
-                                           is_master=rank == 0, timeout=timeout)
-        prefixed = torch.distributed.PrefixStore(group_name, store)
-        if backend == "nccl":
-            opts = torch.distributed.ProcessGroupNCCL.Options()
-            opts._timeout = timeout
-            pg = torch.distributed.ProcessGroupNCCL(prefixed, rank, world_size, opts)
-        else:
-            pg = torch.distributed.ProcessGroupGloo(prefixed, rank, world_size, timeout)
-    except (RuntimeError, TimeoutError) as e:
+        # The store `rendezvous("tcp://...")` would make, made directly: under torchrun
+        # rendezvous hands out the agent's store instead and nobody would host this one.
+        store = dist.TCPStore(master_address, master_port, world_size, is_master=rank == 0,
+                              timeout=timeout)
+        store = dist.PrefixStore(group_name, store)
+        pg, _ = c10d._new_process_group_helper(world_size, rank, [], c10d.Backend(backend), store,
+                                               group_name=group_name, timeout=timeout)
+        c10d._world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
+    except (RuntimeError, TimeoutError, ValueError) as e:
         raise EngineError(f"weight update group {group_name!r} at {master_address}:"
                           f"{master_port} did not form within {timeout_s:.0f} s: {e}") from e
     return pg, store
+
+
+def close_update_group(pg: Any) -> None:
+    """Destroy a group of `open_update_group` (never raises: it may be broken already)."""
+    try:
+        dist.destroy_process_group(pg)
+    except (RuntimeError, ValueError, KeyError):
+        pass
 
 
 def bucket_meta(bucket: Sequence[tuple[str, torch.Tensor]]) -> dict[str, list]:
@@ -387,18 +432,29 @@ def bucket_meta(bucket: Sequence[tuple[str, torch.Tensor]]) -> dict[str, list]:
 
 def broadcast_bucket(pg: Any, bucket: Sequence[tuple[str, torch.Tensor]],
                      timeout_s: float = 60.0, device: torch.device | None = None) -> None:
-    """Send a bucket from rank 0 of the update group, tensor by tensor, in bucket order."""
-    for name, tensor in bucket:
-        t = tensor.contiguous()
-        broadcast_tensor(pg, t if device is None else t.to(device), name, timeout_s)
+    """Send a bucket from rank 0 of the update group: one broadcast per tensor, in bucket order,
+    all started before any is waited for (as SGLang's receiving side does)."""
+    tensors = [(name, t.contiguous() if device is None else t.contiguous().to(device))
+               for name, t in bucket]
+    broadcast_tensors(pg, tensors, timeout_s)
+
+
+def broadcast_tensors(pg: Any, named: Sequence[tuple[str, torch.Tensor]],
+                      timeout_s: float) -> None:
+    """Broadcasts from rank 0 of `pg` (sender or receiver) of each tensor, in order: all
+    started, then each waited for; any failing or exceeding `timeout_s` raises `EngineError`."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    name = "?"
+    try:
+        works = [(name, pg.broadcast(t, 0)) for name, t in named]
+        for name, work in works:
+            if work.wait(timeout) is False:
+                raise EngineError(f"weight broadcast of {name} timed out after {timeout_s:.0f} s")
+    except RuntimeError as e:  # gloo reports a timeout or a vanished peer this way
+        raise EngineError(f"weight broadcast of {name} failed or timed out "
+                          f"({timeout_s:.0f} s): {e}") from e
 
 
 def broadcast_tensor(pg: Any, tensor: torch.Tensor, name: str, timeout_s: float) -> None:
     """One broadcast from rank 0 of `pg` (sender or receiver), failing after `timeout_s`."""
-    try:
-        ok = pg.broadcast(tensor, 0).wait(datetime.timedelta(seconds=timeout_s))
-    except RuntimeError as e:  # gloo reports a timeout or a vanished peer this way
-        raise EngineError(f"weight broadcast of {name} failed or timed out "
-                          f"({timeout_s:.0f} s): {e}") from e
-    if ok is False:
-        raise EngineError(f"weight broadcast of {name} timed out after {timeout_s:.0f} s")
+    broadcast_tensors(pg, [(name, tensor)], timeout_s)
