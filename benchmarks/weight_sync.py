@@ -28,14 +28,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
-import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -46,6 +43,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+
+from megatron_rl.launch.spawn import ServeProcess  # noqa: E402
 
 CONFIG = "configs/tiny_moe_cpu.yaml"
 TIMEOUT_S = 300.0
@@ -225,33 +224,10 @@ def worker(fields: dict, urls: list[str], ns: list[int], buckets_mb: list[float]
 
 # -- servers and report ---------------------------------------------------------------------------
 
-class Server:
+def _server(sets: list[str]) -> ServeProcess:
     """A `megatron-rl serve --config` process of the scaled model (random weights)."""
-
-    def __init__(self, sets: list[str]) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "megatron_rl", "serve", "--config", CONFIG, "--port", "0",
-             *[a for s in sets for a in ("--set", s)]],
-            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        self.lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=lambda: [self.lines.put(x) for x in self.proc.stdout],
-                         daemon=True).start()
-
-    def url(self) -> str:
-        try:
-            line = self.lines.get(timeout=300)
-        except queue.Empty:
-            self.proc.kill()
-            raise RuntimeError("megatron-rl serve did not print its URL in 300 s") from None
-        return line.split("ready at ")[1].strip()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+    return ServeProcess(["--config", CONFIG, "--port", "0",
+                         *[a for s in sets for a in ("--set", s)]], ROOT, _env())
 
 
 def _med(xs: list[float]) -> float:
@@ -326,7 +302,7 @@ def main() -> None:
 
         cfg = load_config(CONFIG, sets)  # train the demo tokenizer once, before the servers
         tokenizer_dir(cfg.data, cfg.model.vocab_size)
-        servers = [Server(sets) for _ in range(max(ns))]
+        servers = [_server(sets) for _ in range(max(ns))]
         try:
             urls = [s.url() for s in servers]
             res = run_ranks(worker, 1, fields, urls, ns, buckets, args.repeats, tmp,

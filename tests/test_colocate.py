@@ -94,44 +94,9 @@ def test_trainer_runs_the_colocated_sequence(tmp_path: Path) -> None:
     assert result["gap"] < 1e-4  # the engine holds the actor's latest weights
 
 
-def offload_worker(distributed_optimizer: bool) -> dict:
-    from megatron_rl.actor.actor import Actor
-    from megatron_rl.actor.config import ActorConfig, ModelConfig, ParallelConfig
-    from megatron_rl.actor.parallel import init_distributed
-    from megatron_rl.actor.step import MicroBatch, nll_loss
-    from megatron_rl.config import read_yaml
-
-    model_cfg = ModelConfig(**read_yaml(ROOT / "configs/tiny_moe_cpu.yaml")["model"])
-    par = ParallelConfig(timeout_s=60, dp=None)
-    init_distributed(par, seed=1)
-    acfg = ActorConfig(seq_length=16, micro_batch_size=1, lr=1e-2,
-                       use_distributed_optimizer=distributed_optimizer)
-    torch.manual_seed(0)
-    actor = Actor(model_cfg, par, acfg)
-    ids = torch.randint(1, model_cfg.vocab_size, (1, 17),
-                        generator=torch.Generator().manual_seed(3))
-    mbs = [MicroBatch(ids[:, :-1], ids[:, 1:], torch.ones(1, 16))]
-    actor.train_step(mbs, nll_loss(16.0))  # optimizer state exists
-    before = actor.logprobs(mbs)[0]
-    actor.offload(params=False)
-    with pytest.raises(RuntimeError, match="offloaded"):
-        actor.logprobs(mbs)
-    buckets = [[(n, t.clone()) for n, t in b] for b in actor.hf_buckets(actor.arch, 2**20)]
-    actor.offload(params=True)
-    with pytest.raises(RuntimeError, match="offloaded"):
-        list(actor.hf_buckets(actor.arch, 2**20))
-    released = all(p.untyped_storage().size() == 0 or p.numel() == 0
-                   for p in actor.model[0].parameters())
-    actor.onload()
-    after = actor.logprobs(mbs)[0]
-    step = actor.train_step(mbs, nll_loss(16.0))
-    weights = {n: p.detach().clone() for n, p in actor.model[0].named_parameters()}
-    return {"before": before, "after": after, "released": released, "grad_norm": step.grad_norm,
-            "weights": weights, "buckets": buckets}
-
-
-def reference_worker(distributed_optimizer: bool) -> dict:
-    """The same two training steps without offloading."""
+def _trained_actor(distributed_optimizer: bool):
+    """The tiny MoE actor after one training step (optimizer state exists), its micro-batch
+    and loss."""
     from megatron_rl.actor.actor import Actor
     from megatron_rl.actor.config import ActorConfig, ModelConfig, ParallelConfig
     from megatron_rl.actor.parallel import init_distributed
@@ -149,9 +114,38 @@ def reference_worker(distributed_optimizer: bool) -> dict:
                         generator=torch.Generator().manual_seed(3))
     mbs = [MicroBatch(ids[:, :-1], ids[:, 1:], torch.ones(1, 16))]
     actor.train_step(mbs, nll_loss(16.0))
-    step = actor.train_step(mbs, nll_loss(16.0))
-    return {"grad_norm": step.grad_norm,
-            "weights": {n: p.detach().clone() for n, p in actor.model[0].named_parameters()}}
+    return actor, mbs, nll_loss(16.0)
+
+
+def _weights(actor) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in actor.model[0].named_parameters()}
+
+
+def offload_worker(distributed_optimizer: bool) -> dict:
+    """Offload, check nothing reads the actor meanwhile, onload, train a second step."""
+    actor, mbs, loss = _trained_actor(distributed_optimizer)
+    before = actor.logprobs(mbs)[0]
+    actor.offload(params=False)
+    with pytest.raises(RuntimeError, match="offloaded"):
+        actor.logprobs(mbs)
+    buckets = [[(n, t.clone()) for n, t in b] for b in actor.hf_buckets(actor.arch, 2**20)]
+    actor.offload(params=True)
+    with pytest.raises(RuntimeError, match="offloaded"):
+        list(actor.hf_buckets(actor.arch, 2**20))
+    released = all(p.untyped_storage().size() == 0 or p.numel() == 0
+                   for p in actor.model[0].parameters())
+    actor.onload()
+    after = actor.logprobs(mbs)[0]
+    step = actor.train_step(mbs, loss)
+    return {"before": before, "after": after, "released": released, "grad_norm": step.grad_norm,
+            "weights": _weights(actor), "buckets": buckets}
+
+
+def reference_worker(distributed_optimizer: bool) -> dict:
+    """The same second training step without offloading."""
+    actor, mbs, loss = _trained_actor(distributed_optimizer)
+    step = actor.train_step(mbs, loss)
+    return {"grad_norm": step.grad_norm, "weights": _weights(actor)}
 
 
 @pytest.mark.parametrize("distributed_optimizer", [False, True], ids=["adam", "distopt"])

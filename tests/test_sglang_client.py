@@ -5,7 +5,6 @@ can recompute the served log-probs from the same weights)."""
 from __future__ import annotations
 
 import math
-import queue
 import signal
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import pytest
 import torch
 
 from megatron_rl.config import load_config
+from megatron_rl.launch.spawn import ServeProcess
 from megatron_rl.rollout.engine import EngineError, RolloutEngine
 from megatron_rl.rollout.server import RequestError, sampling_from_json
 from megatron_rl.rollout.sglang_engine import (
@@ -58,18 +58,10 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def _start_server(model_path: Path) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "megatron_rl", "serve", "--model-path", str(model_path),
-         "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
-    try:
-        line = lines.get(timeout=120)
-    except queue.Empty:
-        proc.kill()
-        raise RuntimeError("megatron-rl serve did not print its URL within 120 s") from None
-    assert "ready at http://127.0.0.1:" in line, line
-    return proc, line.split("ready at ")[1].strip()
+    server = ServeProcess(["--model-path", str(model_path), "--port", "0"])
+    url = server.url(timeout_s=120)
+    assert url.startswith("http://127.0.0.1:"), url
+    return server.proc, url
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
-import signal
 import subprocess
 import sys
 import threading
@@ -24,6 +22,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from megatron_rl.launch.spawn import ServeProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/tiny_moe_cpu.yaml"
@@ -53,32 +53,13 @@ def tokenizer(tmp_path: Path) -> Path:
     return tmp_path
 
 
-class Server:
+class Server(ServeProcess):
     """A `megatron-rl serve --config` process (random weights of the config's model)."""
 
     def __init__(self, tmp: Path, port: int = 0) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "megatron_rl", "serve", "--config", CONFIG, "--port",
-             str(port), *[a for s in _sets(tmp) for a in ("--set", s)]],
-            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(x) for x in self.proc.stdout],
-                         daemon=True).start()
-        try:
-            line = lines.get(timeout=180)
-        except queue.Empty:
-            self.proc.kill()
-            raise RuntimeError("megatron-rl serve did not print its URL in 180 s") from None
-        self.url = line.split("ready at ")[1].strip()
-        self.port = int(self.url.rsplit(":", 1)[1])
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        super().__init__(["--config", CONFIG, "--port", str(port),
+                          *[a for s in _sets(tmp) for a in ("--set", s)]], ROOT, _env())
+        self.url()  # waits until it listens
 
 
 def _train(tmp: Path, urls: list[str], *sets: str, steps: int = 2,
@@ -120,7 +101,7 @@ def test_engines_sample_with_the_actors_weights(tokenizer: Path, layout: str) ->
     count, sets = LAYOUTS[layout]
     servers = [Server(tokenizer) for _ in range(count)]
     try:
-        proc = _train(tokenizer, [s.url for s in servers], *sets, steps=2)
+        proc = _train(tokenizer, [s.url() for s in servers], *sets, steps=2)
     finally:
         for s in servers:
             s.stop()
@@ -157,16 +138,16 @@ def test_a_server_killed_mid_broadcast_fails_the_step_and_the_run_resumes(
     killer.start()
     try:
         start = time.monotonic()
-        failed = _train(tokenizer, [s.url for s in servers], *sets, steps=3)
+        failed = _train(tokenizer, [s.url() for s in servers], *sets, steps=3)
         took = time.monotonic() - start
     finally:
         done.set()
     assert failed.returncode != 0
-    assert victim.url in failed.stderr, failed.stderr[-3000:]
+    assert victim.url() in failed.stderr, failed.stderr[-3000:]
     assert took < 300, took
     back = Server(tokenizer, port=victim.port)
     try:
-        resumed = _train(tokenizer, [servers[0].url, back.url], *sets,
+        resumed = _train(tokenizer, [servers[0].url(), back.url()], *sets,
                          "checkpoint.resume=true", steps=3)
     finally:
         for s in (servers[0], back):

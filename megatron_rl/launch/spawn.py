@@ -86,3 +86,55 @@ def run_ranks(
                 p.kill()
                 p.join()
     return [results[r] for r in range(world_size)]
+
+
+class ServeProcess:
+    """`megatron-rl serve ARGS` as a child process (tests, benchmarks, local engines): started
+    at once; `url()` waits for the line it prints when it listens; `stop()` ends it (SIGTERM,
+    then SIGKILL)."""
+
+    def __init__(self, args: list[str], cwd: str | os.PathLike | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        import subprocess
+        import sys
+        import threading
+
+        self.proc = subprocess.Popen([sys.executable, "-m", "megatron_rl", "serve", *args],
+                                     cwd=cwd, env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True)
+        self._lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=lambda: [self._lines.put(x) for x in self.proc.stdout],
+                         daemon=True).start()
+        self._url: str | None = None
+
+    def url(self, timeout_s: float = 300.0) -> str:
+        """The server's URL, once it listens (kills it and raises if it never says so)."""
+        if self._url is None:
+            try:
+                line = self._lines.get(timeout=timeout_s)
+            except queue.Empty:
+                self.proc.kill()
+                raise RuntimeError(f"megatron-rl serve did not print its URL in {timeout_s:.0f} "
+                                   "s") from None
+            if "ready at " not in line:
+                self.proc.kill()
+                raise RuntimeError(f"megatron-rl serve said {line.strip()!r}, not its URL")
+            self._url = line.split("ready at ")[1].strip()
+        return self._url
+
+    @property
+    def port(self) -> int:
+        return int(self.url().rsplit(":", 1)[1])
+
+    def stop(self, timeout_s: float = 30.0) -> int | None:
+        """SIGTERM (a graceful shutdown), SIGKILL after `timeout_s`; the exit status."""
+        import signal
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.wait()

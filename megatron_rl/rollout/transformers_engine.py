@@ -153,8 +153,9 @@ class TransformersEngine:
         sp = sampling_params or SamplingParams()
         prompts = self._prompt_ids(input_ids, prompt)
         if self._released:
-            raise EngineError(f"engine {self.address}: generate while {sorted(self._released)} "
-                              "released; call resume_memory_occupation first")
+            raise EngineError(f"engine {self.address}: generate after release_memory_occupation"
+                              f" ({sorted(self._released)}); call resume_memory_occupation "
+                              "first")
         if sp.stop and self.tokenizer is None:
             raise EngineError(f"engine {self.address}: stop strings need a tokenizer")
         rows = [list(p) for p in prompts for _ in range(sp.n)]
