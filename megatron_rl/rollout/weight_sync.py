@@ -186,7 +186,8 @@ class WeightSync:
     def _deliver(self, engines: Sequence[RolloutEngine], writer: bool, relay: bool,
                  count: _Counter, group: _UpdateGroup | None) -> None:
         # the next bucket is gathered and converted while this one travels
-        for bucket in one_ahead(self.actor.hf_buckets(self.arch, self.bucket_bytes)):
+        buckets = self.actor.hf_buckets(self.arch, self.bucket_bytes)
+        for bucket in one_ahead(buckets, self.actor.device):
             if relay:
                 _send_object(bucket, dst=0)
                 count.add(bucket)
@@ -240,13 +241,16 @@ class WeightSync:
                 shutil.rmtree(old, ignore_errors=True)
 
 
-def one_ahead(items: Iterator[T]) -> Iterator[T]:
+def one_ahead(items: Iterator[T], device: torch.device | None = None) -> Iterator[T]:
     """`items`, the next one produced by a thread while the caller works on the current one
-    (so at most two are held). The producer's error is raised here, in order."""
+    (so at most two are held). The producer's error is raised here, in order. On a CUDA
+    `device` the thread works on that device (a new thread starts on GPU 0)."""
     q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=1)
 
     def produce() -> None:
         try:
+            if device is not None and device.type == "cuda":
+                torch.cuda.set_device(device)
             for item in items:
                 q.put(("item", item))
             q.put(("done", None))
