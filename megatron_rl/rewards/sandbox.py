@@ -26,6 +26,7 @@ What is enforced, and how (see `_launcher.py` for the privileged steps):
 - stdout and stderr each read up to `max_output_bytes`; more kills the program.
 """
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -39,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -47,13 +49,15 @@ LAUNCHER = Path(__file__).with_name("_launcher.py")
 UID_RANGE = (1_000_000, 1_999_999)
 """Fresh uids for sandboxed programs when running as root (outside any /etc/passwd range)."""
 
-_NO_NET_BOOTSTRAP = """\
+_NO_NET_HOOK = """\
 import sys, runpy
 def _no_net(event, args):
     if event in ("socket.__new__", "socket.connect", "socket.bind", "socket.getaddrinfo",
                  "socket.sendto", "socket.gethostbyname"):
         raise PermissionError("network access is disabled in the sandbox")
 sys.addaudithook(_no_net)
+"""
+_NO_NET_BOOTSTRAP = _NO_NET_HOOK + """\
 sys.argv = ["prog.py"]
 runpy.run_path("prog.py", run_name="__main__")
 """
@@ -160,6 +164,42 @@ def run_program(source: str, stdin: str = "", limits: SandboxLimits | None = Non
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def open_program(source: str, bootstrap: str,
+                 limits: SandboxLimits | None = None) -> Iterator[subprocess.Popen]:
+    """Start a sandboxed process that talks to the caller over pipes; kill it on exit.
+
+    The same sandbox as `run_program` (prog.py holds `source`, same limits and isolation), but
+    the interpreter runs `bootstrap` (Python code, `python -I -c`; it loads prog.py itself)
+    instead of prog.py, with stdin, stdout and stderr as pipes (`proc.stdin`, `proc.stdout`,
+    `proc.stderr`; nobody drains stderr, so the bootstrap should point fd 2 elsewhere). No wall
+    clock is enforced here: the caller bounds the time it spends talking to the process (the
+    CPU, memory, file and process limits apply as usual). On exit from the `with` block the whole
+    process tree is killed (as `run_program` does) and the sandbox dir removed.
+    """
+    limits = limits or SandboxLimits()
+    iso = isolation()
+    workdir = Path(tempfile.mkdtemp(prefix="mrl-sandbox-", dir=_scratch_root))
+    uid = secrets.randbelow(UID_RANGE[1] - UID_RANGE[0]) + UID_RANGE[0] if iso.setuid else None
+    try:
+        _prepare(workdir, source, "", uid)
+        cfg = _launcher_config(workdir, limits, iso, uid, bootstrap=bootstrap)
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-S", str(LAUNCHER), json.dumps(cfg)],
+            cwd=workdir, env={}, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, start_new_session=True, close_fds=True)
+        try:
+            yield proc
+        finally:
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
+            _kill_all(proc, uid)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def _prepare(workdir: Path, source: str, stdin: str, uid: int | None) -> None:
     (workdir / "prog.py").write_text(source)
     (workdir / "stdin.txt").write_text(stdin)
@@ -170,10 +210,13 @@ def _prepare(workdir: Path, source: str, stdin: str, uid: int | None) -> None:
 
 
 def _launcher_config(workdir: Path, limits: SandboxLimits, iso: Isolation,
-                     uid: int | None) -> dict:
+                     uid: int | None, bootstrap: str | None = None) -> dict:
     nproc = limits.nproc if uid is not None else _own_process_count() + limits.nproc
     python = program_interpreter()
-    argv = [python, "-I", "prog.py"] if iso.netns else [python, "-I", "-c", _NO_NET_BOOTSTRAP]
+    if bootstrap is not None:
+        argv = [python, "-I", "-c", bootstrap if iso.netns else _NO_NET_HOOK + bootstrap]
+    else:
+        argv = [python, "-I", "prog.py"] if iso.netns else [python, "-I", "-c", _NO_NET_BOOTSTRAP]
     mib = 1 << 20
     return {
         "caller_pid": os.getpid(), "uid": uid, "argv": argv, "scratch": str(workdir),
