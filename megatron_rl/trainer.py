@@ -589,7 +589,7 @@ class Trainer:
             for engine in self.engines:
                 getattr(engine, method)(tags)
 
-        self._from_rank0(call, f"{method}({tags})")
+        self._from_rank0(call, f"after step {self.step}: engines {method}({tags})")
 
     def sync_weights(self) -> dict[str, float]:
         """The actor's weights to the engines (collective; `rollout.weight_sync`)."""

@@ -36,7 +36,7 @@ def stalled_worker(out: str) -> None:
     import torch.distributed as dist
 
     trainer = _trainer(out, [])
-    trainer.train_step()  # one step: the engine holds the weights, nothing is stale
+    trainer.train_step()  # one step
     if dist.get_rank() == 1:
         os.kill(os.getpid(), signal.SIGSTOP)  # stalled: alive, but never answers again
     trainer.train_step()
@@ -49,8 +49,10 @@ def test_a_stalled_rank_is_named_within_the_timeout(tmp_path):
         run_ranks(stalled_worker, 2, str(tmp_path), timeout_s=240)
     message = str(failure.value)
     assert "rank 0 failed" in message and "RankTimeoutError" in message
-    assert "step 2: generation and rewards: rank(s) 1 did not answer within " \
-           "parallel.timeout_s=10 s" in message
+    # the first point after step 1 where rank 0 waits for every rank: the colocated engine
+    # takes its weights' memory back before the sync
+    assert "after step 1: engines resume_memory_occupation(['weights']): rank(s) 1 did not " \
+           "answer within parallel.timeout_s=10 s" in message
 
 
 def failing_work_worker(out: str) -> str:

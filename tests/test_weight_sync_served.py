@@ -5,10 +5,10 @@
 `rollout.weight_sync=distributed`: each pipeline stage's writer forms its own gloo update group
 with both servers and broadcasts its layers. After every sync the engines sample with the
 actor's weights: the actor's log-probs of the engines' samples equal the engines' own (fp32),
-step after step, so generation goes on with the new weights. `disk` runs the same check at
-PP=2, and `tensor` with the colocated in-process engine, stage 1 relaying to rank 0. A server
-killed while it receives fails the step within the timeout, naming its URL; with a server back
-the run resumes from its checkpoint.
+step after step, so generation goes on with the new weights; `tensor` runs the same check with
+the colocated in-process engine, stage 1 relaying to rank 0. A server killed while it receives
+fails the step within the timeout, naming its URL; with a server back the run resumes from its
+checkpoint, syncing by `disk` (the actor's HF checkpoint, reloaded by every engine).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,35 +39,46 @@ def _env() -> dict[str, str]:
     return env | {"OMP_NUM_THREADS": "1"}
 
 
-def _sets(tmp: Path) -> list[str]:
-    return [f"data.tokenizer_cache={tmp}/tok", "data.train_size=100", "data.eval_size=10"]
+def _sets(tok: Path) -> list[str]:
+    return [f"data.tokenizer_cache={tok}", "data.train_size=100", "data.eval_size=10"]
 
 
-@pytest.fixture()
-def tokenizer(tmp_path: Path) -> Path:
-    """Train the demo tokenizer once, before the servers and the trainer read it."""
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo tokenizer, trained once before any server or trainer reads it."""
     from megatron_rl.config import load_config
     from megatron_rl.data import tokenizer_dir
 
-    cfg = load_config(CONFIG, _sets(tmp_path))
+    path = tmp_path_factory.mktemp("tok")
+    cfg = load_config(CONFIG, _sets(path))
     tokenizer_dir(cfg.data, cfg.model.vocab_size)
-    return tmp_path
+    return path
 
 
 class Server(ServeProcess):
     """A `megatron-rl serve --config` process (random weights of the config's model)."""
 
-    def __init__(self, tmp: Path, port: int = 0) -> None:
+    def __init__(self, tok: Path, port: int = 0) -> None:
         super().__init__(["--config", CONFIG, "--port", str(port),
-                          *[a for s in _sets(tmp) for a in ("--set", s)]], ROOT, _env())
+                          *[a for s in _sets(tok) for a in ("--set", s)]], ROOT, _env())
         self.url()  # waits until it listens
 
 
-def _train(tmp: Path, urls: list[str], *sets: str, steps: int = 2,
+@pytest.fixture(scope="module")
+def servers(tok: Path) -> Iterator[list[Server]]:
+    """Two engines shared by the layout tests: each trainer's first sync overwrites whatever
+    weights the previous one left, and forms its update groups anew."""
+    both = [Server(tok), Server(tok)]
+    yield both
+    for s in both:
+        s.stop()
+
+
+def _train(tmp: Path, tok: Path, urls: list[str], *sets: str, steps: int = 2,
            timeout_s: float = 600) -> subprocess.CompletedProcess:
     engine = (["rollout.engine=sglang", f"rollout.engine_urls={json.dumps(urls)}"] if urls
               else ["rollout.engine=transformers"])
-    base = [*_sets(tmp), *engine, "rollout.prompts_per_step=2", "rollout.n_samples_per_prompt=4",
+    base = [*_sets(tok), *engine, "rollout.prompts_per_step=2", "rollout.n_samples_per_prompt=4",
             "rollout.max_new_tokens=12", "actor.seq_length=64", "actor.micro_batch_size=2",
             "rewards.num_workers=0", "algorithm.dynamic_sampling=false", "eval.size=0",
             "train.eval_interval=0", f"train.steps={steps}", "checkpoint.save_interval=1",
@@ -84,49 +96,49 @@ def _steps(tmp: Path) -> list[dict]:
     return [r for r in rows if "mismatch/logp_abs_diff_max" in r]
 
 
-LAYOUTS = {  # (servers, settings)
-    "pp2-distributed": (2, ["parallel.pp=2", "rollout.weight_sync=distributed"]),
-    "tp2sp-distributed": (2, ["parallel.tp=2", "parallel.sequence_parallel=true",
-                              "rollout.weight_sync=distributed"]),
-    "ep2-distributed": (2, ["parallel.ep=2", "rollout.weight_sync=distributed"]),
-    "pp2-disk": (2, ["parallel.pp=2", "rollout.weight_sync=disk"]),
+LAYOUTS = {  # (served engines, settings)
+    "pp2-distributed": (True, ["parallel.pp=2", "rollout.weight_sync=distributed"]),
+    "tp2sp-distributed": (True, ["parallel.tp=2", "parallel.sequence_parallel=true",
+                                 "rollout.weight_sync=distributed"]),
+    "ep2-distributed": (True, ["parallel.ep=2", "rollout.weight_sync=distributed"]),
     # the in-process engine on rank 0, stage 1's buckets relayed to it; colocated
-    "pp2-tensor-embedded": (0, ["parallel.pp=2", "rollout.weight_sync=tensor"]),
+    "pp2-tensor-embedded": (False, ["parallel.pp=2", "rollout.weight_sync=tensor"]),
 }
 
 
-@pytest.mark.timeout(900)
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_engines_sample_with_the_actors_weights(tokenizer: Path, layout: str) -> None:
-    count, sets = LAYOUTS[layout]
-    servers = [Server(tokenizer) for _ in range(count)]
-    try:
-        proc = _train(tokenizer, [s.url() for s in servers], *sets, steps=2)
-    finally:
-        for s in servers:
-            s.stop()
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    steps = _steps(tokenizer)
-    assert [r["step"] for r in steps] == [1, 2]
-    for r in steps:  # each step sampled right after a sync: engine == actor
+def _parity(tmp: Path, steps: list[int]) -> None:
+    rows = _steps(tmp)
+    assert [r["step"] for r in rows] == steps
+    for r in rows:  # each step sampled right after a sync: engine == actor
         assert r["weight_sync/bytes"] > 0 and r["actor/skipped"] == 0.0
         assert r["mismatch/logp_abs_diff_max"] < PARITY, r
         assert r["response_length/mean"] > 0
 
 
 @pytest.mark.timeout(900)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_engines_sample_with_the_actors_weights(tok: Path, servers: list[Server], layout: str,
+                                                tmp_path: Path) -> None:
+    served, sets = LAYOUTS[layout]
+    proc = _train(tmp_path, tok, [s.url() for s in servers] if served else [], *sets, steps=2)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    _parity(tmp_path, [1, 2])
+
+
+@pytest.mark.timeout(900)
 def test_a_server_killed_mid_broadcast_fails_the_step_and_the_run_resumes(
-        tokenizer: Path) -> None:
+        tok: Path, tmp_path: Path) -> None:
     """Kill one server as soon as a broadcast starts; the trainer names that URL within the
-    timeout; with a server back on the same port, `--resume` continues from the checkpoint."""
-    servers = [Server(tokenizer), Server(tokenizer)]
+    timeout; with a server back on the same port, `--resume` continues from the checkpoint,
+    now syncing by disk (every engine reloads the HF checkpoint the actor writes)."""
+    servers = [Server(tok), Server(tok)]
     victim = servers[1]
-    sets = ["parallel.pp=2", "rollout.weight_sync=distributed", "rollout.weight_sync_bucket_mb=1"]
+    sets = ["parallel.pp=2", "rollout.weight_sync_bucket_mb=1"]
     done = threading.Event()
 
     def kill_at_second_sync() -> None:
         # the second sync follows step 1's checkpoint: kill the server once it exists
-        ck = tokenizer / "ck"
+        ck = tmp_path / "ck"
         while not done.is_set():
             if any(ck.glob("*1*")):
                 time.sleep(0.3)  # into the next step's sync
@@ -138,21 +150,24 @@ def test_a_server_killed_mid_broadcast_fails_the_step_and_the_run_resumes(
     killer.start()
     try:
         start = time.monotonic()
-        failed = _train(tokenizer, [s.url() for s in servers], *sets, steps=3)
+        failed = _train(tmp_path, tok, [s.url() for s in servers], *sets,
+                        "rollout.weight_sync=distributed", steps=3)
         took = time.monotonic() - start
     finally:
         done.set()
     assert failed.returncode != 0
     assert victim.url() in failed.stderr, failed.stderr[-3000:]
     assert took < 300, took
-    back = Server(tokenizer, port=victim.port)
+    back = Server(tok, port=victim.port)
     try:
-        resumed = _train(tokenizer, [servers[0].url(), back.url()], *sets,
-                         "checkpoint.resume=true", steps=3)
+        resumed = _train(tmp_path, tok, [servers[0].url(), back.url()], *sets,
+                         "rollout.weight_sync=disk", "checkpoint.resume=true", steps=3)
     finally:
         for s in (servers[0], back):
             s.stop()
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "resumed from" in resumed.stdout
-    steps = _steps(tokenizer)
-    assert steps[-1]["step"] == 3 and steps[-1]["mismatch/logp_abs_diff_max"] < PARITY
+    rows = _steps(tmp_path)
+    assert rows[-1]["step"] == 3 and rows[-1]["mismatch/logp_abs_diff_max"] < PARITY
+    assert list((tmp_path / "run" / "weights").glob("v*")) == [tmp_path / "run" / "weights"
+                                                                 / "v2"]  # older ones removed
