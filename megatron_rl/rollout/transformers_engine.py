@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -279,6 +279,9 @@ class TransformersEngine:
         if "weights" in self._released:
             raise EngineError(f"engine {self.address}: weight update while the weights are "
                               "released; call resume_memory_occupation(['weights']) first")
+        self._apply(named_tensors)
+
+    def _apply(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         try:
             self._weights.apply(named_tensors)
         except (KeyError, ValueError) as e:
@@ -313,11 +316,14 @@ class TransformersEngine:
         pg, _store = self._groups[group_name]
         tensors = [torch.empty(tuple(s), dtype=getattr(torch, d.removeprefix("torch.")))
                    for d, s in zip(dtypes, shapes, strict=True)]
-        try:
-            broadcast_tensors(pg, list(zip(names, tensors, strict=True)), self.timeout_s)
+        if "weights" in self._released:
+            raise EngineError(f"engine {self.address}: weight update while the weights are "
+                              "released; call resume_memory_occupation(['weights']) first")
+        try:  # each tensor is applied as it arrives, while the next ones are in flight
+            broadcast_tensors(pg, list(zip(names, tensors, strict=True)), self.timeout_s,
+                              on_each=lambda n, t: self._apply([(n, t)]))
         except EngineError as e:
             raise EngineError(f"engine {self.address}: {e}") from e
-        self.update_weights_from_tensor(list(zip(names, tensors, strict=True)))
 
     def destroy_weights_update_group(self, group_name: str = "weight_update_group") -> None:
         """Leave the update group (SGLang's /destroy_weights_update_group)."""

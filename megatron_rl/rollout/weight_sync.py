@@ -443,17 +443,20 @@ def broadcast_bucket(pg: Any, bucket: Sequence[tuple[str, torch.Tensor]],
     broadcast_tensors(pg, tensors, timeout_s)
 
 
-def broadcast_tensors(pg: Any, named: Sequence[tuple[str, torch.Tensor]],
-                      timeout_s: float) -> None:
+def broadcast_tensors(pg: Any, named: Sequence[tuple[str, torch.Tensor]], timeout_s: float,
+                      on_each: Callable[[str, torch.Tensor], None] | None = None) -> None:
     """Broadcasts from rank 0 of `pg` (sender or receiver) of each tensor, in order: all
-    started, then each waited for; any failing or exceeding `timeout_s` raises `EngineError`."""
+    started, then each waited for and handed to `on_each` (a receiver applies it while the rest
+    arrive); any failing or exceeding `timeout_s` raises `EngineError`."""
     timeout = datetime.timedelta(seconds=timeout_s)
     name = "?"
     try:
-        works = [(name, pg.broadcast(t, 0)) for name, t in named]
-        for name, work in works:
+        works = [(name, t, pg.broadcast(t, 0)) for name, t in named]
+        for name, t, work in works:
             if work.wait(timeout) is False:
                 raise EngineError(f"weight broadcast of {name} timed out after {timeout_s:.0f} s")
+            if on_each is not None:
+                on_each(name, t)
     except RuntimeError as e:  # gloo reports a timeout or a vanished peer this way
         raise EngineError(f"weight broadcast of {name} failed or timed out "
                           f"({timeout_s:.0f} s): {e}") from e
