@@ -46,6 +46,7 @@ from megatron_rl.algorithms import (
 from megatron_rl.algorithms.advantages import PER_REWARD_ESTIMATORS
 from megatron_rl.batching import build_batch, reward_matrix, split_updates
 from megatron_rl.config import RunConfig
+from megatron_rl.convert.export import is_stage_writer
 from megatron_rl.data import PromptSampler, apply_template, build_dataset, build_tokenizer
 from megatron_rl.evaluate import run_eval
 from megatron_rl.metrics import (
@@ -61,7 +62,7 @@ from megatron_rl.rewards.pool import column_names
 from megatron_rl.rollout.sampler import GroupSampler, reward_inputs
 from megatron_rl.rollout.store import load_rollouts, save_rollouts, saved_steps
 from megatron_rl.rollout.types import Sample
-from megatron_rl.rollout.weight_sync import WeightSync, stage_writer
+from megatron_rl.rollout.weight_sync import WeightSync
 
 MAX_NONFINITE_STEPS = 3
 """Consecutive steps with a non-finite loss or grad norm after which the run stops."""
@@ -242,7 +243,7 @@ class Trainer:
         pipeline stage's writer holds clients of its own (docs/design.md section 6)."""
         if self.rank == 0 or not self.cfg.rollout.engine_urls:
             return self.engines
-        return self._engine_clients() if stage_writer(self.actor) else []
+        return self._engine_clients() if is_stage_writer() else []
 
     def _sampler(self) -> GroupSampler:
         """The group sampler: prompts from the dataset, rewards from `self.reward`. It asks the

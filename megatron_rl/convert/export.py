@@ -121,8 +121,9 @@ def bucketed(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
         yield bucket
 
 
-def _is_stage_writer() -> bool:
-    """One writer per pipeline stage: TP rank 0, DP rank 0 (EP is gathered already)."""
+def is_stage_writer() -> bool:
+    """One writer per pipeline stage: TP, DP and CP rank 0 (EP is gathered already); it writes
+    the stage's HF files and delivers its weight-sync buckets."""
     return (ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
             and ps.get_context_parallel_rank() == 0)
 
@@ -140,7 +141,7 @@ def save_hf(chunks: list[torch.nn.Module], arch: Arch, model_cfg, out_dir: str |
     stage = ps.get_pipeline_model_parallel_rank()
     files: list[tuple[str, list[str]]] = []
     for i, bucket in enumerate(iter_hf_buckets(chunks, arch, model_cfg, shard_bytes)):
-        if _is_stage_writer():
+        if is_stage_writer():
             name = f"part-{stage:05d}-{i:05d}.safetensors"
             save_file({n: t.contiguous() for n, t in bucket}, str(tmp / name),
                       metadata={"format": "pt"})

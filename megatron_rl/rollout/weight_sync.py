@@ -91,14 +91,6 @@ class _Counter:
         return SyncReport(time.perf_counter() - start, b, t, n, int(peak.item()))
 
 
-def stage_writer(actor: Any) -> bool:
-    """This rank delivers its pipeline stage's weights (TP, DP and CP rank 0)."""
-    from megatron.core import parallel_state as ps
-
-    return (ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
-            and ps.get_context_parallel_rank() == 0)
-
-
 def _stages() -> tuple[int, int]:
     """(this rank's pipeline stage, number of stages)."""
     from megatron.core import parallel_state as ps
@@ -152,7 +144,9 @@ class WeightSync:
         """Deliver this rank's stage to `engines` (this rank's engine handles; collective)."""
         start, count = time.perf_counter(), _Counter()
         stage, stages = _stages()
-        writer = stage_writer(self.actor)
+        from megatron_rl.convert.export import is_stage_writer  # Megatron: trainer side only
+
+        writer = is_stage_writer()
         if self.mode == "disk":
             self._disk(engines, count)
         else:
@@ -179,7 +173,7 @@ class WeightSync:
                           and writer and engines else None)
         except EngineError:
             if self._group is not None:  # broken: the next sync forms a new one
-                self._group.close(tell_engines=False)
+                self._group.close()
                 self._group = None
             raise
 
@@ -216,12 +210,6 @@ class WeightSync:
             self._group = _UpdateGroup(list(engines), f"megatron_rl_pp{stage}", self.timeout_s,
                                        self.backend, self.actor.device)
         return self._group
-
-    def close(self) -> None:
-        """Leave the update group (engines are told; errors ignored)."""
-        if self._group is not None:
-            self._group.close()
-            self._group = None
 
     # -- disk -----------------------------------------------------------------------------------
 
@@ -315,15 +303,9 @@ class _UpdateGroup:
                   lambda: broadcast_bucket(self.pg, bucket, self.timeout_s, self.device),
                   f"broadcast in update group {self.name!r}", self.timeout_s)
 
-    def close(self, tell_engines: bool = True) -> None:
-        """Destroy this side of the group; with `tell_engines`, ask each engine to leave."""
-        for engine in self.engines if tell_engines else []:
-            destroy = getattr(engine, "destroy_weights_update_group", None)
-            if destroy is not None:
-                try:
-                    destroy(self.name)
-                except EngineError:
-                    pass
+    def close(self) -> None:
+        """Destroy this side of a broken group (the engines re-form theirs on the next
+        `init_weights_update_group` of the same name)."""
         if self.pg is not None:
             close_update_group(self.pg)
         self.pg = self.store = None
