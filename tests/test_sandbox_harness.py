@@ -8,13 +8,13 @@ import time
 import types
 from pathlib import Path
 
-import psutil
 import pytest
+from test_sandbox import sandbox_processes  # one copy of what counts as left behind
 
 from megatron_rl.rewards import code as code_mod
 from megatron_rl.rewards.code import code_reward, max_wall_s, run_tests
 from megatron_rl.rewards.harness import decode, encode, free_names
-from megatron_rl.rewards.sandbox import UID_RANGE, SandboxLimits
+from megatron_rl.rewards.sandbox import SandboxLimits
 
 FAST = {"timeout_s": 3.0, "cpu_s": 2}
 TEST = """\
@@ -29,16 +29,6 @@ CORRECT = "def add(a, b):\n    return a + b\n"
 
 def score(program: str, label: dict | None = None, **kwargs) -> float:
     return code_reward("", f"```python\n{program}```", label or LABEL, {}, **{**FAST, **kwargs})
-
-
-def sandbox_processes() -> list[psutil.Process]:
-    found = [p for p in psutil.Process().children(recursive=True)
-             if "resource_tracker" not in " ".join(p.cmdline())]
-    for p in psutil.process_iter(["uids"]):
-        uids = p.info["uids"]
-        if uids and UID_RANGE[0] <= uids.real <= UID_RANGE[1]:
-            found.append(p)
-    return [p for p in found if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
 @pytest.fixture(autouse=True)
