@@ -35,8 +35,12 @@ fake a pass nor see a test:
 
 Time: a HumanEval label is one run bounded by `timeout_s` of wall clock in total (program start
 and every call of the test), plus the harness's start; a stdin/stdout label is one run of at
-most `timeout_s` per case. The reward pool's `RewardsConfig.timeout_s` must exceed
-`max_wall_s(label, timeout_s)` for the largest label, or slow samples are killed and score 0.
+most `timeout_s` per case. `max_wall_s` says so, and the reward pool waits that long for the
+label (more than `RewardsConfig.timeout_s` when a label has many cases), so cases that passed
+are paid even when others hang.
+
+Where this host allows no isolation, the reward refuses to start (`preflight`, when the trainer
+binds it) unless `rewards.code.allow_unsandboxed` is set.
 """
 
 import hmac
@@ -52,7 +56,12 @@ from typing import Any, Literal
 
 from megatron_rl.rewards import harness
 from megatron_rl.rewards.registry import register
-from megatron_rl.rewards.sandbox import SandboxLimits, open_program, run_program
+from megatron_rl.rewards.sandbox import (
+    SandboxLimits,
+    open_program,
+    require_isolation,
+    run_program,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +82,8 @@ def _normalize(out: str) -> str:
     return "\n".join(line.rstrip() for line in out.strip("\n").splitlines()).rstrip()
 
 
-def run_tests(program: str, label: Any, limits: SandboxLimits) -> tuple[int, int]:
+def run_tests(program: str, label: Any, limits: SandboxLimits,
+              allow_unsandboxed: bool = False) -> tuple[int, int]:
     """(passed, total) test cases of `program` against `label` (see module docstring)."""
     if isinstance(label, str):
         label = json.loads(label)
@@ -81,12 +91,13 @@ def run_tests(program: str, label: Any, limits: SandboxLimits) -> tuple[int, int
         entry = label["entry_point"]
         if label.get("prompt") and not re.search(rf"def\s+{re.escape(entry)}\s*\(", program):
             program = label["prompt"] + program
-        return int(run_humaneval(program, label, limits)), 1
+        return int(run_humaneval(program, label, limits, allow_unsandboxed)), 1
     if isinstance(label, list) and all(isinstance(c, dict) and {"input", "output"} <= c.keys()
                                        for c in label) and label:
         passed = 0
         for case in label:
-            r = run_program(program, str(case["input"]), limits)
+            r = run_program(program, str(case["input"]), limits,
+                            allow_unsandboxed=allow_unsandboxed)
             out = r.stdout.decode("utf-8", errors="replace")
             passed += bool(r.ok and _normalize(out) == _normalize(str(case["output"])))
         return passed, len(label)
@@ -98,9 +109,9 @@ def _is_humaneval(label: Any) -> bool:
     return isinstance(label, dict) and "test" in label and "entry_point" in label
 
 
-def max_wall_s(label: Any, timeout_s: float) -> float:
+def max_wall_s(label: Any, timeout_s: float = 5.0, **_: Any) -> float:
     """Worst-case wall time of `run_tests` on `label` with `SandboxLimits.timeout_s = timeout_s`
-    (set the reward pool's timeout above this for the largest label)."""
+    (the reward pool waits this long for the label)."""
     if isinstance(label, str):
         label = json.loads(label)
     if _is_humaneval(label):
@@ -108,7 +119,8 @@ def max_wall_s(label: Any, timeout_s: float) -> float:
     return timeout_s * max(1, len(label)) + 1.0
 
 
-def run_humaneval(program: str, label: dict, limits: SandboxLimits) -> bool:
+def run_humaneval(program: str, label: dict, limits: SandboxLimits,
+                  allow_unsandboxed: bool = False) -> bool:
     """True iff the trusted harness proved that `check(candidate)` ran to its end against the
     sandboxed `program` (see the module docstring)."""
     secret = secrets.token_hex(32).encode()
@@ -121,7 +133,8 @@ def run_humaneval(program: str, label: dict, limits: SandboxLimits) -> bool:
         os.close(sec_w)
         sec_w = -1
         deadline = time.monotonic() + limits.timeout_s
-        with open_program(program, harness.PROGRAM_BOOTSTRAP, limits) as prog:
+        with open_program(program, harness.PROGRAM_BOOTSTRAP, limits,
+                          allow_unsandboxed=allow_unsandboxed) as prog:
             cfg = {"caller_pid": os.getpid(), "secret_fd": sec_r, "result_fd": res_w,
                    "to_fd": prog.stdin.fileno(), "from_fd": prog.stdout.fileno(),
                    "deadline": deadline,
@@ -162,19 +175,30 @@ def run_humaneval(program: str, label: dict, limits: SandboxLimits) -> bool:
 @register("code")
 def code_reward(prompt: str, response: str, label: Any, metadata: dict, *,
                 mode: Literal["fraction", "all"] = "fraction", timeout_s: float = 5.0,
-                cpu_s: int = 5, memory_mb: int = 1024, nproc: int = 16,
-                max_output_bytes: int = 1 << 20) -> float:
+                cpu_s: int = 5, memory_mb: int = 1024, file_mb: int = 16, scratch_mb: int = 64,
+                nproc: int = 16, max_output_bytes: int = 1 << 20,
+                allow_unsandboxed: bool = False) -> float:
     """Fraction (or all-or-nothing) of the label's test cases the response's program passes.
 
-    Limits apply to each run (a HumanEval label is one run, a stdin/stdout case is one run);
-    keep RewardsConfig.timeout_s above `max_wall_s(label, timeout_s)`: cases x timeout_s for
-    stdin/stdout labels, timeout_s + HARNESS_START_S for HumanEval labels.
+    Limits (`SandboxLimits`) apply to each run (a HumanEval label is one run, a stdin/stdout
+    case is one run); the pool waits `max_wall_s(label, timeout_s)` for a label.
+    `allow_unsandboxed` comes from `rewards.code.allow_unsandboxed`.
     """
     if mode not in ("fraction", "all"):
         raise ValueError(f"code: mode must be 'fraction' or 'all', got {mode!r}")
-    limits = SandboxLimits(timeout_s=timeout_s, cpu_s=cpu_s, memory_mb=memory_mb, nproc=nproc,
+    limits = SandboxLimits(timeout_s=timeout_s, cpu_s=cpu_s, memory_mb=memory_mb,
+                           file_mb=file_mb, scratch_mb=scratch_mb, nproc=nproc,
                            max_output_bytes=max_output_bytes)
-    passed, total = run_tests(extract_program(response), label, limits)
+    passed, total = run_tests(extract_program(response), label, limits, allow_unsandboxed)
     if mode == "all":
         return float(passed == total)
     return passed / total
+
+
+def _preflight(allow_unsandboxed: bool = False, **_: Any) -> None:
+    """Refuse to start where programs would run unsandboxed, unless that was allowed."""
+    require_isolation(allow_unsandboxed)
+
+
+code_reward.preflight = _preflight
+code_reward.max_wall_s = max_wall_s

@@ -31,6 +31,17 @@ class RewardFunctionConfig:
         require(bool(self.name.strip()), "name", "is empty", "give a reward function name")
 
 
+@section
+class CodeSandboxConfig:
+    """The operator's settings of the code reward's sandbox (the task's limits are the `code`
+    function's kwargs)."""
+
+    allow_unsandboxed: bool = False
+    """Run untrusted programs with rlimits only where this host allows no isolation (neither
+    root nor unprivileged user namespaces). Off: the code reward refuses to start there. A
+    program run this way can read your files and signal your processes."""
+
+
 def _default_functions() -> list[RewardFunctionConfig]:
     return [RewardFunctionConfig(name="reasoning_gym")]
 
@@ -52,6 +63,8 @@ class RewardsConfig:
     accuracy: str | None = None
     """Name of the reward function whose score counts as correct/accuracy (hit when >=
     correct_reward); None = the first function."""
+    code: CodeSandboxConfig = field(default_factory=CodeSandboxConfig)
+    """Sandbox settings of the code reward."""
 
     def validate(self) -> None:
         """At least one function; positive timeout; `accuracy` names a configured function."""

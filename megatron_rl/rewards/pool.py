@@ -1,10 +1,12 @@
 """Run the configured reward functions over a batch, in worker processes with a time limit.
 
-Each (sample, function) call is one task. A call that raises, or runs past
-`RewardsConfig.timeout_s`, scores 0 for that function on that sample, is logged and counted in
-`RewardBatch.failures`; a hung worker is killed (with its sandboxes, which die with it) and
-replaced. num_workers=0 runs in the calling process: exceptions are caught, but a hanging
-function cannot be interrupted there (use it for debugging).
+Each (sample, function) call is one task. A call that raises, or runs past its time budget
+(`RewardsConfig.timeout_s`, or the function's own `max_wall_s` for that label when larger: a
+code label with many cases), scores 0 for that function on that sample, is logged and counted
+in `RewardBatch.failures`; a hung worker is killed (with its sandboxes, which die with it) and
+replaced. Nothing a call does can fail the batch, except a function that raised on every sample
+(`RewardFunctionError`: it is broken). num_workers=0 runs in the calling process: exceptions
+are caught, but a hanging function cannot be interrupted there (use it for debugging).
 
 Workers are helpers of the trainer (`become_helper`): they ignore the stop signals (SIGTERM,
 SIGINT, SIGUSR1: a signal sent to the whole job is the trainer's to handle, which saves and exits
@@ -18,7 +20,6 @@ import dataclasses
 import logging
 import multiprocessing as mp
 import os
-import shutil
 import signal
 import sys
 import tempfile
@@ -33,7 +34,7 @@ from typing import Any
 
 from megatron_rl.rewards import sandbox
 from megatron_rl.rewards.config import RewardFunctionConfig, RewardsConfig
-from megatron_rl.rewards.registry import BoundReward, bind
+from megatron_rl.rewards.registry import BoundReward, bind, wall_budget
 
 logger = logging.getLogger(__name__)
 
@@ -170,6 +171,7 @@ class _Worker:
     scratch: str
     task: tuple[int, int] | None = None
     deadline: float = 0.0
+    budget: float = 0.0
     fresh: bool = True
     """No call finished yet: the first call also pays for the process start and lazy imports."""
 
@@ -263,7 +265,8 @@ class RewardComputer:
                         w = self._workers[k]
                     w.task = todo.popleft()
                     grace = WORKER_START_GRACE_S if w.fresh else 0.0
-                    w.deadline = time.monotonic() + self.config.timeout_s + grace
+                    w.budget = self._budget(*w.task, samples)
+                    w.deadline = time.monotonic() + w.budget + grace
                     try:
                         w.conn.send((0, w.task[1], samples[w.task[0]]))
                     except OSError:  # died just now: its sentinel reports it below
@@ -288,8 +291,13 @@ class RewardComputer:
                 elif time.monotonic() < w.deadline:
                     continue
                 else:
-                    results[w.task] = (False, f"timed out after {self.config.timeout_s} s")
+                    results[w.task] = (False, f"timed out after {w.budget:g} s")
                 self._replace(w)
+
+    def _budget(self, i: int, j: int, samples: list[RewardInput]) -> float:
+        """Seconds a call may take: `timeout_s`, or the function's own bound for the label."""
+        own = wall_budget(self._fns[j], samples[i].label)
+        return max(self.config.timeout_s, own or 0.0)
 
     def _start_worker(self) -> _Worker:
         scratch = tempfile.mkdtemp(prefix="mrl-reward-worker-")
@@ -315,7 +323,7 @@ class RewardComputer:
             w.process.kill()
             w.process.join()
         w.conn.close()
-        shutil.rmtree(w.scratch, ignore_errors=True)  # sandboxes of a killed worker
+        sandbox.remove_tree(w.scratch)  # sandboxes of a killed worker; never raises
 
     def _replace(self, w: _Worker) -> None:
         self._stop(w, kill=True)
@@ -332,5 +340,5 @@ def _kill_all(workers: list[_Worker]) -> None:
     for w in workers:
         w.process.kill()
         w.process.join()
-        shutil.rmtree(w.scratch, ignore_errors=True)
+        sandbox.remove_tree(w.scratch)
     workers.clear()

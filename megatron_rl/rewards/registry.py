@@ -3,6 +3,15 @@
 A reward function is `fn(prompt: str, response: str, label: Any, metadata: dict, **kwargs)
 -> float | dict[str, float]`. A dict result must hold the reward under "score"; its other keys
 are reported as extra metrics. A user's own function is named by "package.module:function".
+
+Two optional attributes of a function, called with its bound kwargs:
+
+- `fn.preflight(**kwargs)`: runs once when the function is bound in the trainer's process; it
+  raises (a clear message) if the function cannot work on this host (the code reward without
+  a sandbox);
+- `fn.max_wall_s(label, **kwargs)`: the most wall time one call on `label` may take; the reward
+  pool waits that long (plus `POOL_SLACK_S`) when it exceeds `RewardsConfig.timeout_s` (a label
+  with many test cases).
 """
 
 import functools
@@ -19,8 +28,14 @@ BoundReward = Callable[[str, str, Any, dict], float | dict[str, float]]
 REWARDS: dict[str, RewardFn] = {}
 """Built-in reward functions by name; filled by `@register` when megatron_rl.rewards loads."""
 
-CONFIG_KWARGS = ("correct_reward", "incorrect_reward")
-"""RewardsConfig fields passed to functions that accept them (unless kwargs override them)."""
+CONFIG_KWARGS: dict[str, Callable[[RewardsConfig], Any]] = {
+    "correct_reward": lambda c: c.correct_reward,
+    "incorrect_reward": lambda c: c.incorrect_reward,
+    "allow_unsandboxed": lambda c: c.code.allow_unsandboxed,
+}
+"""RewardsConfig values passed to functions that accept them (unless kwargs override them)."""
+POOL_SLACK_S = 1.0
+"""Added to a function's own `max_wall_s`: the worker's bookkeeping around the call."""
 
 
 def register(name: str) -> Callable[[RewardFn], RewardFn]:
@@ -63,7 +78,7 @@ def bind(spec: RewardFunctionConfig, config: RewardsConfig) -> BoundReward:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         params = {}
-    kwargs = {k: getattr(config, k) for k in CONFIG_KWARGS if k in params}
+    kwargs = {k: get(config) for k, get in CONFIG_KWARGS.items() if k in params}
     kwargs.update(spec.kwargs)
     try:
         inspect.signature(fn).bind("", "", None, {}, **kwargs)
@@ -71,4 +86,19 @@ def bind(spec: RewardFunctionConfig, config: RewardsConfig) -> BoundReward:
         takes = [p for p in list(params)[4:]] or ["no keyword arguments"]
         raise ValueError(f"reward function {spec.name!r}: bad kwargs {sorted(spec.kwargs)} "
                          f"({e}); it takes: {', '.join(takes)}") from e
+    preflight = getattr(fn, "preflight", None)
+    if preflight is not None:
+        preflight(**kwargs)
     return functools.partial(fn, **kwargs)
+
+
+def wall_budget(fn: BoundReward, label: Any) -> float | None:
+    """The bound function's own worst-case wall time on `label` (`max_wall_s`), or None."""
+    base = getattr(fn, "func", fn)
+    hook = getattr(base, "max_wall_s", None)
+    if hook is None:
+        return None
+    try:
+        return float(hook(label, **getattr(fn, "keywords", {}))) + POOL_SLACK_S
+    except Exception:  # noqa: BLE001 - a malformed label fails in the call itself, scored 0
+        return None
