@@ -12,7 +12,7 @@ section. Receivers are resolved statically from the source (an AST pass, no code
   says it is a config (`cfg`, `self.cfg`, `run_config`);
 * a section's properties count as reads of the fields they read (`rollout.call_timeout_s` reads
   `request_timeout_s` and `max_retries`), and `getattr(section, name)` counts for the fields
-  named by string constants in the same module (`rewards.registry.CONFIG_KWARGS`).
+  named by string constants in the same module.
 
 Not reading sites: the config modules themselves (a field read only by its own `validate()` or by
 the cross-section checks of `load_config` is checked but not honoured), generic dumps

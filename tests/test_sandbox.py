@@ -353,7 +353,7 @@ def test_writing_outside_scratch(host, tmp_path):
     """Only /tmp (the sandbox's own tmpfs) is writable: the root, system dirs and every
     world-writable host dir (the four named ones and one made for this test) are not."""
     token = secrets.token_hex(6)
-    open_dir = REPO / f".x-{token}"
+    open_dir = (REPO if ROOT else tmp_path) / f".x-{token}"  # nobody cannot write the repo
     open_dir.mkdir(mode=0o777)
     open_dir.chmod(0o1777)
     try:
@@ -641,7 +641,7 @@ def test_humaneval_canonical_solutions_score_1_wrong_scores_0(host):
 AS_NOBODY = r"""
 import os, sys
 hold = os.environ.pop("MRL_HOLD")
-for parent, child in [tuple(p.split("\0")) for p in os.environ.pop("MRL_EXPOSE").split("\n") if p]:
+for parent, child in [p.split(":", 1) for p in os.environ.pop("MRL_EXPOSE").split("\n") if p]:
     # an untraversable dir on the interpreter's path (pyenv under /root): cover it with an
     # empty tmpfs holding only the needed child, in this private mount namespace
     keep = os.path.join(hold, child)
@@ -688,7 +688,7 @@ def test_suite_passes_as_nobody(tmp_path):
                                       str(REPO / "tests"))
     hold = tmp_path / "hold"
     hold.mkdir()
-    env = {"MRL_HOLD": str(hold), "MRL_EXPOSE": "\n".join(f"{a}\0{b}" for a, b in expose),
+    env = {"MRL_HOLD": str(hold), "MRL_EXPOSE": "\n".join(f"{a}:{b}" for a, b in expose),
            "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
     r = subprocess.run(
         ["unshare", "-m", "--propagation", "private", sys.executable, "-c", AS_NOBODY,

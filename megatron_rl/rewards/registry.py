@@ -28,12 +28,12 @@ BoundReward = Callable[[str, str, Any, dict], float | dict[str, float]]
 REWARDS: dict[str, RewardFn] = {}
 """Built-in reward functions by name; filled by `@register` when megatron_rl.rewards loads."""
 
-CONFIG_KWARGS: dict[str, Callable[[RewardsConfig], Any]] = {
-    "correct_reward": lambda c: c.correct_reward,
-    "incorrect_reward": lambda c: c.incorrect_reward,
-    "allow_unsandboxed": lambda c: c.code.allow_unsandboxed,
-}
-"""RewardsConfig values passed to functions that accept them (unless kwargs override them)."""
+def config_kwargs(config: RewardsConfig) -> dict[str, Any]:
+    """RewardsConfig values passed to functions that accept them (unless kwargs override them)."""
+    return {"correct_reward": config.correct_reward, "incorrect_reward": config.incorrect_reward,
+            "allow_unsandboxed": config.code.allow_unsandboxed}
+
+
 POOL_SLACK_S = 1.0
 """Added to a function's own `max_wall_s`: the worker's bookkeeping around the call."""
 
@@ -78,7 +78,7 @@ def bind(spec: RewardFunctionConfig, config: RewardsConfig) -> BoundReward:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         params = {}
-    kwargs = {k: get(config) for k, get in CONFIG_KWARGS.items() if k in params}
+    kwargs = {k: v for k, v in config_kwargs(config).items() if k in params}
     kwargs.update(spec.kwargs)
     try:
         inspect.signature(fn).bind("", "", None, {}, **kwargs)
