@@ -290,7 +290,7 @@ def _program_pidfd(report_r: int) -> int | None:
         return None
     try:
         return os.pidfd_open(int(data))
-    except (ProcessLookupError, ValueError):
+    except (OSError, ValueError):  # gone already, or a kernel without pidfds (< 5.3)
         return None
 
 
@@ -584,6 +584,8 @@ def remove_tree(path: str) -> None:
 def _remove_tree(path: str) -> None:
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
     try:
+        if not os.path.islink(path):
+            os.chmod(path, 0o700)  # the program may have made it unreadable or read-only
         fd = os.open(path, flags)
     except FileNotFoundError:
         return
