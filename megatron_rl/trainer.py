@@ -103,6 +103,28 @@ def reward_columns(cfg: RunConfig) -> tuple[list[str], torch.Tensor]:
     return names, torch.tensor(weights, dtype=torch.float64)
 
 
+GAP_SUM, GAP_TOKENS, GAP_MAX = ("mismatch/logp_abs_diff_sum", "mismatch/tokens",
+                                "mismatch/logp_abs_diff_max")
+"""Statistics an on-policy update's loss adds: |actor - engine| log-prob gap (sum, tokens, max)."""
+
+
+def _with_engine_gap(fn: LossFn) -> LossFn:
+    """`fn`, also summing |logp - engine logp| over the loss tokens into its statistics (reduced
+    over micro-batches and DP ranks and shared along the pipeline like the loss's own)."""
+
+    def wrapped(logprobs: torch.Tensor, mb: MicroBatch) -> tuple[torch.Tensor, dict]:
+        loss, stats = fn(logprobs, mb)
+        if mb.rollout_logprobs is not None:
+            mask = mb.loss_mask != 0
+            diff = (logprobs.detach().float() - mb.rollout_logprobs.float()).abs()[mask]
+            stats[GAP_SUM] = diff.sum()
+            stats[GAP_TOKENS] = mask.sum().float()
+            stats[GAP_MAX] = diff.max() if diff.numel() else diff.new_zeros(())
+        return loss, stats
+
+    return wrapped
+
+
 def merge_results(results: list[StepResult]) -> StepResult:
     """One step's metrics from its updates: stats averaged over the updates that ran (maxima,
     keys ending in `_max`, reduced by max), grad norm averaged, the last lr; skipped only when
@@ -114,7 +136,7 @@ def merge_results(results: list[StepResult]) -> StepResult:
              for k in keys}
     return StepResult(stats, sum(r.grad_norm for r in ran) / len(ran), results[-1].lr,
                       any(r.updated for r in results), None if ran[0].updated else
-                      results[-1].nonfinite)
+                      results[-1].nonfinite, results[0].routing)
 
 
 class _Timer:
@@ -352,6 +374,8 @@ class Trainer:
         routing = self.old_logprobs(updates)                  # ratio denominators (+ KL ref)
         result = self.update(updates)                         # one optimizer step each
         self._engine_stale |= result.updated                  # synced before the next rollout
+        if self.on_policy:                                    # measured by the update itself
+            routing = result.routing
         return self.log_metrics(samples, report, result, sync, updates, routing)
 
     def sample(self) -> tuple[list[Sample], dict[str, float]]:
@@ -502,15 +526,25 @@ class Trainer:
                              dp_size=self.actor.dp_size, dp_rank=self.actor.dp_rank,
                              micro_batch_size=actor.micro_batch_size)
 
+    @property
+    def on_policy(self) -> bool:
+        """One update per step (`algorithm.mini_batches=1`): the weights that sampled are the
+        ones being trained, so the ratio's denominator is the update's own log-probs, detached
+        (ratio 1, the same gradient), and no separate forward runs for it."""
+        return self.cfg.algorithm.mini_batches == 1
+
     def old_logprobs(self, updates: list[list[MicroBatch]]) -> float:
-        """Log-probs of the sampling weights (the ratio's denominator), and of the reference
-        policy when the KL penalty is on; returns the routing agreement of that pass."""
+        """Log-probs of the sampling weights (the ratio's denominator; none when `on_policy`),
+        and of the reference policy when the KL penalty is on; returns the routing agreement
+        of that pass (NaN when it did not run)."""
         temperature = self.cfg.rollout.temperature
         mbs = [mb for part in updates for mb in part]
+        agreement = math.nan
         with self.timer("actor"):
-            logprobs, agreement = self.actor.logprobs_and_routing(mbs, temperature)
-            for mb, logp in zip(mbs, logprobs, strict=True):
-                mb.old_logprobs = logp
+            if not self.on_policy:
+                logprobs, agreement = self.actor.logprobs_and_routing(mbs, temperature)
+                for mb, logp in zip(mbs, logprobs, strict=True):
+                    mb.old_logprobs = logp
             if self.reference is not None:
                 for mb, logp in zip(mbs, self.reference.logprobs(self.actor, mbs, temperature),
                                     strict=True):
@@ -521,7 +555,9 @@ class Trainer:
         """One optimizer step per mini-batch, each over its own global loss denominator."""
         with self.timer("actor"):
             results = [self.actor.train_step(part, self.loss_fn(part),
-                                             self.cfg.rollout.temperature) for part in updates]
+                                             self.cfg.rollout.temperature,
+                                             measure_routing=self.on_policy)
+                       for part in updates]
         for result in results:  # a skipped update never touched the weights
             self.check_finite(result)
         return merge_results(results)
@@ -534,7 +570,9 @@ class Trainer:
         alg = self.cfg.algorithm
         den = self.actor.dp_sum(denominator(alg.loss_agg, [mb.loss_mask for mb in mbs],
                                             alg.loss_norm_len))
-        fn = policy_loss_fn(alg, den, backend=self.cfg.actor.kernels)
+        fn = policy_loss_fn(alg, den, backend=self.cfg.actor.kernels, on_policy=self.on_policy)
+        if self.on_policy:  # no old log-probs to compare with the engine's: measure it here
+            fn = _with_engine_gap(fn)
         fn.needs_entropy = True
         return fn
 
@@ -608,7 +646,7 @@ class Trainer:
                     routing: float) -> dict[str, float]:
         """The step's metrics, the same on every rank (rank 0 measured rollout and sync)."""
         mbs = [mb for part in updates for mb in part]
-        gap = self.logprob_gap(mbs)
+        gap = self.logprob_gap(mbs, result)
         box = [self.metrics(samples, report, result, sync, gap, routing, self.timer.seconds())]
         dist.broadcast_object_list(box, src=0)
         return box[0]
@@ -619,9 +657,15 @@ class Trainer:
                 "dynamic_sampling/keep_ratio": 0.0,
                 "throughput/step_seconds": self.timer.seconds()["step"]}
 
-    def logprob_gap(self, mbs: list[MicroBatch]) -> dict[str, float]:
+    def logprob_gap(self, mbs: list[MicroBatch], result: StepResult) -> dict[str, float]:
         """|old log-prob (actor) - rollout log-prob (engine)| over the trained tokens of the
-        whole step (all DP ranks): how far the engine samples from the policy being trained."""
+        whole step (all DP ranks): how far the engine samples from the policy being trained.
+        On-policy, the update's forward measured it (`_with_engine_gap`)."""
+        if self.on_policy:
+            tokens = result.stats.pop(GAP_TOKENS, 0.0)
+            total = result.stats.pop(GAP_SUM, 0.0)
+            return {"mismatch/logp_abs_diff_mean": total / max(tokens, 1.0),
+                    "mismatch/logp_abs_diff_max": result.stats.pop(GAP_MAX, 0.0)}
         mask = torch.cat([mb.loss_mask for mb in mbs])
         local = logprob_mismatch(torch.cat([mb.old_logprobs for mb in mbs]),
                                  torch.cat([mb.rollout_logprobs for mb in mbs]), mask)

@@ -44,6 +44,10 @@ class StepResult:
     """False when the step was skipped (non-finite loss or gradients)."""
     nonfinite: str | None = None
     """What was not finite when the step was skipped: "loss" or "grad_norm"; None otherwise."""
+    routing: float = math.nan
+    """Routing agreement measured by this step's forward (`train_step(measure_routing=True)`):
+    the share of (loss position, MoE layer) pairs where the routers' own top-k equals the
+    engine's; NaN when not measured or nothing to compare."""
 
 
 def _optimizer_config(actor: ActorConfig, params_dtype: torch.dtype) -> OptimizerConfig:
@@ -158,23 +162,32 @@ class Actor:
                          kernels=self.actor_cfg.kernels)
 
     def train_step(
-        self, microbatches: Sequence[MicroBatch], loss_fn: LossFn, temperature: float = 1.0
+        self, microbatches: Sequence[MicroBatch], loss_fn: LossFn, temperature: float = 1.0,
+        *, measure_routing: bool = False
     ) -> StepResult:
-        """Forward+backward over all micro-batches, then one optimizer step."""
+        """Forward+backward over all micro-batches, then one optimizer step. With
+        `measure_routing` the forward also measures the routing agreement (as
+        `logprobs_and_routing` does), for a step that runs no separate forward."""
         self._require_onloaded("train_step")
         mb0 = microbatches[0].tokens
         for chunk in self.model:
             chunk.train()
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        with replay.engine_routing(self, microbatches, replay=True) if self.replays_routing \
-                else contextlib.nullcontext():
+        routed = self.replays_routing or measure_routing
+        with replay.engine_routing(self, microbatches, replay=self.replays_routing) if routed \
+                else contextlib.nullcontext(torch.zeros(2, dtype=torch.float64)) as counts:
             stats = forward_backward(self.model, microbatches, loss_fn,
                                      self.shape(mb0.shape[1], mb0.shape[0], temperature))
+        agreement = math.nan
+        if measure_routing:
+            counts = counts.to(self.device)
+            dist.all_reduce(counts)  # disjoint tokens or layers on every rank
+            agreement = float(counts[0] / counts[1]) if counts[1] > 0 else math.nan
         grad_norm, nonfinite = self._optimizer_step(stats.get("loss", 0.0))
         if nonfinite is None:
             self.scheduler.step(increment=1)
-        return StepResult(stats, grad_norm, self.lr, nonfinite is None, nonfinite)
+        return StepResult(stats, grad_norm, self.lr, nonfinite is None, nonfinite, agreement)
 
     @torch.no_grad()
     def _optimizer_step(self, loss: float) -> tuple[float, str | None]:
