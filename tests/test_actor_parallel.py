@@ -144,31 +144,75 @@ def weights_worker(overrides: list[str], roots: list[tuple[str, bool]]) -> list:
     return out
 
 
+def run_in_turn(calls: list[tuple[str, tuple]]) -> list:
+    """Each `(worker name, args)` of this module in turn on this rank, as each test would run it
+    in a spawn of its own (every worker starts with `_setup`, which re-initialises the layout):
+    one interpreter start and import per rank instead of one per call. Megatron's MoE logging
+    tracker, sized by the first model's layer count and never reset, is emptied before each
+    call, as a fresh process has it. A worker that raises gives `{"failed": traceback}` and the
+    next one still runs."""
+    import traceback
+
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    out = []
+    for name, args in calls:
+        get_moe_layer_wise_logging_tracker().clear()
+        try:
+            out.append(globals()[name](*args))
+        except Exception:  # noqa: BLE001 - reported by the test that owns the call
+            out.append({"failed": traceback.format_exc()})
+    return out
+
+
+def _ok(result):
+    if isinstance(result, dict) and "failed" in result:
+        pytest.fail(result["failed"], pytrace=False)
+    return result
+
+
+NO_AUX = ["model.moe_aux_loss_coeff=0"]
+POLICY = {"loss_aggs": ["token_mean", "seq_mean_token_mean"], "layouts": ["dp2", "tp2_sp"]}
+
+
 @pytest.fixture(scope="module")
-def references(tmp_path_factory):
-    """1-rank runs per model shape, made on first use: {model overrides: (root, result)}."""
-    cache: dict[tuple, tuple] = {}
-
-    def get(model_overrides: list[str]):
-        key = tuple(model_overrides)
-        if key not in cache:
-            root = tmp_path_factory.mktemp("ref")
-            (res,) = run_ranks(
-                layout_worker, 1, model_overrides, str(root / "init"), str(root / "step")
-            )
-            cache[key] = (root, res)
-        return cache[key]
-
-    return get
+def runs(tmp_path_factory):
+    """Every run of this module's layout and policy tests, made in three spawns: the 1-rank
+    references (per model shape, and per loss aggregation), then every 2-rank layout, then the
+    1-rank re-loads of every layout's checkpoints. {key: [result of each rank]}."""
+    shapes = sorted({tuple(shared) for shared, _ in LAYOUTS.values()})
+    ref_roots = {shape: tmp_path_factory.mktemp("ref") for shape in shapes}
+    init = str(ref_roots[()] / "init")
+    first = [(("ref", shape), ("layout_worker", (list(shape), str(root / "init"),
+                                                 str(root / "step"))))
+             for shape, root in ref_roots.items()]
+    first += [(("policy_ref", agg), ("policy_worker", (NO_AUX, init, 2, agg)))
+              for agg in POLICY["loss_aggs"]]
+    second, third = [], []
+    for layout, (shared, parallel) in LAYOUTS.items():
+        ref_root, got_step = ref_roots[tuple(shared)], tmp_path_factory.mktemp(layout) / "step"
+        second.append((("layout", layout), ("layout_worker", (
+            shared + parallel, str(ref_root / "init"), str(got_step)))))
+        ref_step, got_step = str(ref_root / "step"), str(got_step)
+        roots = [(str(ref_root / "init"), False), (ref_step, False), (got_step, False),
+                 (ref_step, True), (got_step, True)]
+        third.append((("weights", layout), ("weights_worker", (shared, roots))))
+    second += [(("policy", layout, agg),
+                ("policy_worker", (LAYOUTS[layout][1] + NO_AUX, init, 1, agg)))
+               for layout in POLICY["layouts"] for agg in POLICY["loss_aggs"]]
+    results: dict = {}
+    for world, batch in ((1, first), (2, second), (1, third)):
+        per_rank = run_ranks(run_in_turn, world, [call for _, call in batch], timeout_s=1200)
+        for i, (key, _) in enumerate(batch):
+            results[key] = [rank[i] for rank in per_rank]
+    return results
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_layout_matches_single_rank(layout, references, tmp_path):
+def test_layout_matches_single_rank(layout, runs):
     shared, parallel = LAYOUTS[layout]
-    ref_root, ref = references(shared)
-    results = run_ranks(
-        layout_worker, 2, shared + parallel, str(ref_root / "init"), str(tmp_path / "step")
-    )
+    ref = _ok(runs["ref", tuple(shared)][0])
+    results = [_ok(res) for res in runs["layout", layout]]
     for res in results:
         assert res["updated"]
         assert res["loss"] == pytest.approx(ref["loss"], rel=1e-5, abs=1e-6)
@@ -184,12 +228,7 @@ def test_layout_matches_single_rank(layout, references, tmp_path):
     # Optimizer state that cannot move to 1 rank: EP changes (Megatron keeps it per EP layout)
     # and the distributed optimizer's state without TE (Megatron 0.16 cannot reload it).
     no_optimizer_move = "parallel.ep=2" in parallel or shared == DIST_OPT
-    ref_step, got_step = str(ref_root / "step"), str(tmp_path / "step")
-    roots = [(str(ref_root / "init"), False), (ref_step, False), (got_step, False),
-             (ref_step, True), (got_step, True)]
-    (init_w, _), (ref_w, _), (got_w, _), ref_opt, got_opt = run_ranks(
-        weights_worker, 1, shared, roots
-    )[0]
+    (init_w, _), (ref_w, _), (got_w, _), ref_opt, got_opt = _ok(runs["weights", layout][0])
     assert ref_w.keys() == got_w.keys()
     if no_optimizer_move:
         # A clear error naming the way out; the weights still load (checked below).
@@ -236,20 +275,17 @@ def policy_worker(overrides: list[str], init_root: str, rows_per_mb: int, loss_a
     return {"stats": res.stats, "grad_norm": res.grad_norm}
 
 
-@pytest.mark.parametrize("loss_agg", ["token_mean", "seq_mean_token_mean"])
-@pytest.mark.parametrize("layout", ["dp2", "tp2_sp"])
-def test_policy_loss_same_under_layout_and_micro_batch_split(layout, loss_agg, references):
+@pytest.mark.parametrize("loss_agg", POLICY["loss_aggs"])
+@pytest.mark.parametrize("layout", POLICY["layouts"])
+def test_policy_loss_same_under_layout_and_micro_batch_split(layout, loss_agg, runs):
     """docs/design.md section 4's invariance with the real loss: 1 rank with 2 rows per micro-batch
     against 2 ranks with 1 row per micro-batch; loss, gradient norm and statistics agree.
 
     The MoE load-balancing loss is off: Megatron computes it per micro-batch from that
     micro-batch's routing statistics, so it (rightly) depends on the split; the policy loss does
     not, and that is what is checked here."""
-    ref_root, _ = references([])
-    init = str(ref_root / "init")
-    no_aux = ["model.moe_aux_loss_coeff=0"]
-    (ref,) = run_ranks(policy_worker, 1, no_aux, init, 2, loss_agg)
-    got = run_ranks(policy_worker, 2, LAYOUTS[layout][1] + no_aux, init, 1, loss_agg)
+    ref = _ok(runs["policy_ref", loss_agg][0])
+    got = [_ok(res) for res in runs["policy", layout, loss_agg]]
     assert ref["stats"]["clip_low_tokens"] + ref["stats"]["clip_high_tokens"] > 0
     for res in got:
         assert res["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4)
