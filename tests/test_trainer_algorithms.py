@@ -260,13 +260,41 @@ def rollouts_worker(out: str, overrides: list[str]) -> dict:
     return {"history": history, "weights": weights}
 
 
+def load_three_worker(out: str, overrides: list[str]) -> None:
+    from megatron_rl.trainer import Trainer
+
+    Trainer(_config(out, overrides + ["algorithm.dynamic_sampling=false"])).run(steps=3)
+
+
+def load_dir_worker(tmp: str) -> dict:
+    """The saved-rollouts runs in turn in one process, each a fresh Trainer (which
+    re-initialises the layout and seeds): `a` saves, `b` loads, `c` loads under another config;
+    then a second save into the same directory and a load of a step never saved, each giving
+    the traceback it raised."""
+    import os
+    import traceback
+
+    saved = f"{tmp}/rollouts"
+    out = {"a": rollouts_worker(f"{tmp}/a", [f"rollout.save_dir={saved}"])}
+    out["saved"] = sorted(os.listdir(saved))
+    out["b"] = rollouts_worker(f"{tmp}/b", [f"rollout.load_dir={saved}"])
+    out["c"] = rollouts_worker(f"{tmp}/e", [f"rollout.load_dir={saved}",
+                                            "algorithm.overlong_penalty=false"])
+    for key, worker, sets in (("resave", rollouts_worker, [f"rollout.save_dir={saved}"]),
+                              ("unsaved", load_three_worker, [f"rollout.load_dir={saved}"])):
+        try:
+            worker(f"{tmp}/{key}", sets)
+            out[key] = "no error"
+        except Exception:  # noqa: BLE001 - the message is what the test checks
+            out[key] = traceback.format_exc()
+    return out
+
+
 def test_load_dir_trains_bit_identically_without_an_engine(tmp_path):
     saved = tmp_path / "rollouts"
-    a = run_ranks(rollouts_worker, 1, str(tmp_path / "a"), [f"rollout.save_dir={saved}"],
-                  timeout_s=600)[0]
-    assert sorted(p.name for p in saved.iterdir()) == ["step_1.pt", "step_2.pt"]
-    b = run_ranks(rollouts_worker, 1, str(tmp_path / "b"), [f"rollout.load_dir={saved}"],
-                  timeout_s=600)[0]
+    res = run_ranks(load_dir_worker, 1, str(tmp_path), timeout_s=900)[0]
+    a, b, c = res["a"], res["b"], res["c"]
+    assert res["saved"] == ["step_1.pt", "step_2.pt"]
     for key in ("actor/loss", "actor/grad_norm", "reward/mean", "accuracy", "actor/entropy"):
         assert [m[key] for m in a["history"]] == [m[key] for m in b["history"]], key
     assert b["history"][0]["weight_sync/bytes"] == 0.0  # no engine was there to update
@@ -274,8 +302,6 @@ def test_load_dir_trains_bit_identically_without_an_engine(tmp_path):
         assert torch.equal(w, b["weights"][name]), name
     # Loaded under another config, the samples are paid by that config (shaping recomputed):
     # without the overlong punishment the logged reward is the functions' alone.
-    c = run_ranks(rollouts_worker, 1, str(tmp_path / "e"), [f"rollout.load_dir={saved}",
-                  "algorithm.overlong_penalty=false"], timeout_s=600)[0]
     from megatron_rl.rollout.store import load_rollouts
 
     for step, m in enumerate(c["history"], start=1):
@@ -284,19 +310,10 @@ def test_load_dir_trains_bit_identically_without_an_engine(tmp_path):
         assert m["reward/mean"] == pytest.approx(sum(acc) / len(acc))
         assert "reward/overlong_penalty" not in m and a["history"][step - 1]["reward/mean"] < 0
     # A save_dir holding rollouts is never overwritten by a new run.
-    with pytest.raises(Exception, match="already holds saved rollouts"):
-        run_ranks(rollouts_worker, 1, str(tmp_path / "c"), [f"rollout.save_dir={saved}"],
-                  timeout_s=600)
-    # A step that was not saved is one clear line naming the file.
-    with pytest.raises(Exception, match="has no step_3.pt"):  # at start, before training
-        run_ranks(load_three_worker, 1, str(tmp_path / "d"), [f"rollout.load_dir={saved}"],
-                  timeout_s=600)
-
-
-def load_three_worker(out: str, overrides: list[str]) -> None:
-    from megatron_rl.trainer import Trainer
-
-    Trainer(_config(out, overrides + ["algorithm.dynamic_sampling=false"])).run(steps=3)
+    assert "already holds saved rollouts" in res["resave"], res["resave"]
+    # A step that was not saved is one clear line naming the file (at start, before training).
+    assert "has no step_3.pt" in res["unsaved"], res["unsaved"]
+    assert sorted(p.name for p in saved.iterdir()) == ["step_1.pt", "step_2.pt"]
 
 
 # ---- every loss option and estimator through the trainer -----------------------------------------
