@@ -4,8 +4,13 @@ Pure: no process group, no config object. What depends on the layout (this rank'
 index, the micro-batch size) comes in as plain arguments, so the same function gives every rank
 its share and tests can call it without a process group (docs/design.md section 3).
 
-Rows are right-padded to a fixed `seq_length` (pipeline schedules need one shape; causal
-attention makes right padding harmless). Position t predicts token t + 1.
+`build_batch` right-pads rows to `seq_length` (causal attention makes right padding harmless);
+`split_updates` then cuts every micro-batch back to its longest row (rounded up to
+`pad_multiple`: the TP size under sequence parallelism), or with pipeline parallelism every
+micro-batch of a rank's update to the update's longest row (a schedule needs one shape). With
+`max_tokens` micro-batches hold as many rows as fit the token budget (rows x longest row)
+instead of a fixed count, and a mini-batch's rows go to the DP ranks balanced by tokens.
+Position t predicts token t + 1.
 Shape legend: B = rows (samples), S = seq_length, K = reward columns, L = MoE layers of the
 whole model, E = experts per token (the router's top-k).
 """
@@ -47,6 +52,8 @@ class RLBatch:
     """Prompt group of each row [B] (int64)."""
     advantages: torch.Tensor
     """One advantage per row [B] (fp32)."""
+    lengths: torch.Tensor | None = None
+    """Real input positions of each row [B] (int64; the rest is padding); None = all of S."""
     routed_experts: torch.Tensor | None = None
     """Experts the engine chose for each input position [B, S, L, E] (int16: expert ids fit,
     and at scale this is the batch's largest tensor), or None. (Old and
@@ -71,6 +78,8 @@ class RLBatch:
                   if isinstance(getattr(self, f.name), torch.Tensor) and f.name != "weights"}
         if live is not None:
             fields["loss_mask"][~live] = 0.0
+            if fields.get("lengths") is not None:
+                fields["lengths"][~live] = 1  # padding rows do not widen their micro-batch
         return dataclasses.replace(self, **fields)
 
     def micro_batches(self, micro_batch_size: int) -> list[MicroBatch]:
@@ -85,9 +94,35 @@ class RLBatch:
                 routed_experts=_part(self.routed_experts, s)))
         return out
 
+    def row_lengths(self) -> torch.Tensor:
+        """Real input positions per row [B] (all of S when unknown)."""
+        if self.lengths is not None:
+            return self.lengths
+        return torch.full((self.size,), self.tokens.shape[1], dtype=torch.long)
+
 
 def _part(x: torch.Tensor | None, s: slice) -> torch.Tensor | None:
     return None if x is None else x[s]
+
+
+def trim(mb: MicroBatch, length: int) -> MicroBatch:
+    """`mb` cut to its first `length` positions (right padding only: nothing that trains)."""
+    if length >= mb.tokens.shape[1]:
+        return mb
+    cut = slice(0, length)
+    return dataclasses.replace(
+        mb, tokens=mb.tokens[:, cut].contiguous(), labels=mb.labels[:, cut].contiguous(),
+        loss_mask=mb.loss_mask[:, cut].contiguous(),
+        rollout_logprobs=None if mb.rollout_logprobs is None
+        else mb.rollout_logprobs[:, cut].contiguous(),
+        advantages=mb.advantages if mb.advantages is None or mb.advantages.dim() == 1
+        else mb.advantages[:, cut].contiguous(),
+        routed_experts=None if mb.routed_experts is None
+        else mb.routed_experts[:, cut].contiguous())
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-max(n, 1) // multiple) * multiple
 
 
 def reward_matrix(samples: Sequence[Sample], names: Sequence[str]) -> torch.Tensor:
@@ -101,12 +136,14 @@ def reward_matrix(samples: Sequence[Sample], names: Sequence[str]) -> torch.Tens
 
 def token_rows(samples: Sequence[Sample], seq_length: int, pad_id: int = 0
                ) -> dict[str, torch.Tensor]:
-    """tokens / labels [B, S] (int64), loss_mask and rollout_logprobs [B, S] (fp32).
+    """tokens / labels [B, S] (int64), loss_mask and rollout_logprobs [B, S] (fp32), and the
+    real positions per row, lengths [B].
 
     The mask is 1 where the position's label is a response token. A sample longer than
     `seq_length + 1` tokens is cut (its tail does not train).
     """
     b = len(samples)
+    lengths = torch.zeros(b, dtype=torch.long)
     tokens = torch.full((b, seq_length), pad_id, dtype=torch.long)
     labels = torch.full((b, seq_length), pad_id, dtype=torch.long)
     mask = torch.zeros(b, seq_length)
@@ -119,6 +156,7 @@ def token_rows(samples: Sequence[Sample], seq_length: int, pad_id: int = 0
         n = len(seq) - 1
         if n <= 0:
             continue
+        lengths[i] = n
         tokens[i, :n] = torch.tensor(seq[:-1])
         labels[i, :n] = torch.tensor(seq[1:])
         first = len(s.prompt_ids) - 1  # position predicting the first response token
@@ -127,7 +165,8 @@ def token_rows(samples: Sequence[Sample], seq_length: int, pad_id: int = 0
             mask[i, first : first + resp] = 1.0
             rollout[i, first : first + resp] = torch.tensor(s.rollout_logprobs[:resp],
                                                             dtype=torch.float32)
-    return {"tokens": tokens, "labels": labels, "loss_mask": mask, "rollout_logprobs": rollout}
+    return {"tokens": tokens, "labels": labels, "loss_mask": mask, "rollout_logprobs": rollout,
+            "lengths": lengths}
 
 
 def expert_rows(samples: Sequence[Sample], seq_length: int) -> torch.Tensor | None:
@@ -171,21 +210,96 @@ def build_batch(samples: Sequence[Sample], *, reward_names: Sequence[str],
 
 
 def split_updates(batch: RLBatch, *, updates: int, dp_size: int, dp_rank: int,
-                  micro_batch_size: int) -> list[list[MicroBatch]]:
+                  micro_batch_size: int, max_tokens: int | None = None, pad_multiple: int = 1,
+                  same_shape: bool = False, pad_to_seq_length: bool = False
+                  ) -> list[list[MicroBatch]]:
     """The step's rows in `updates` contiguous mini-batches (one optimizer step each), and of
     each mini-batch this data-parallel rank's share as micro-batches.
 
     Each mini-batch is split over the ranks (not the step, then each rank's part into
     mini-batches), so every update sees the same samples under any DP size. Every rank gets
-    the same number of micro-batches: short shares are padded with masked rows.
+    the same number of micro-batches (collectives inside the forward, such as expert
+    parallelism's all-to-all, run once per micro-batch): short shares are padded with masked
+    rows.
+
+    Shapes: each micro-batch is cut to its longest row rounded up to `pad_multiple`; with
+    `same_shape` (pipeline parallelism) all of a rank's micro-batches of an update share the
+    longest; `pad_to_seq_length` keeps every row at S (the fixed shape, for comparison).
+    `max_tokens`: micro-batches by token budget (rows x longest row <= max_tokens; a longer
+    row gets one of its own) instead of `micro_batch_size` rows, the mini-batch's rows dealt
+    to the ranks longest first, each to the rank with the fewest tokens so far.
     """
     n = batch.size
     k = max(1, min(updates, n))  # a dynamic-sampling step may come up short
+    lengths = batch.row_lengths()
     parts = []
     for start, end in itertools.pairwise([round(i * n / k) for i in range(k + 1)]):
-        per_rank = -(-(end - start) // (dp_size * micro_batch_size)) * micro_batch_size
-        order = start + torch.arange(dp_rank * per_rank, (dp_rank + 1) * per_rank)
-        live = order < end
-        index = torch.where(live, order, torch.zeros_like(order))
-        parts.append(batch.rows(index, live).micro_batches(micro_batch_size))
+        if max_tokens is None:
+            per_rank = -(-(end - start) // (dp_size * micro_batch_size)) * micro_batch_size
+            order = start + torch.arange(dp_rank * per_rank, (dp_rank + 1) * per_rank)
+            live = order < end
+            index = torch.where(live, order, torch.zeros_like(order))
+            rows = batch.rows(index, live)
+            mbs = rows.micro_batches(micro_batch_size)
+            sizes = [min(micro_batch_size, rows.size - lo)
+                     for lo in range(0, rows.size, micro_batch_size)]
+            longest = _longest(rows.row_lengths(), sizes)
+        else:
+            mbs, longest = _budget_micro_batches(batch, lengths, start, end, dp_size, dp_rank,
+                                                 max_tokens, pad_multiple)
+        if not pad_to_seq_length:
+            if same_shape:
+                longest = [max(longest)] * len(longest)
+            mbs = [trim(mb, _round_up(m, pad_multiple)) for mb, m in zip(mbs, longest,
+                                                                         strict=True)]
+        parts.append(mbs)
     return parts
+
+
+def _longest(lengths: torch.Tensor, sizes: list[int]) -> list[int]:
+    """The longest row of each consecutive group of `sizes` rows."""
+    out, lo = [], 0
+    for size in sizes:
+        out.append(int(lengths[lo: lo + size].max()))
+        lo += size
+    return out
+
+
+def _budget_micro_batches(batch: RLBatch, lengths: torch.Tensor, start: int, end: int,
+                          dp_size: int, dp_rank: int, max_tokens: int, pad_multiple: int
+                          ) -> tuple[list[MicroBatch], list[int]]:
+    """This rank's micro-batches of rows [start, end) under a token budget, and the longest
+    row of each. Every rank computes every rank's plan (pure, same inputs), so all agree on
+    the micro-batch count."""
+    order = sorted(range(start, end), key=lambda i: (-int(lengths[i]), i))
+    shares: list[list[int]] = [[] for _ in range(dp_size)]
+    tokens = [0] * dp_size
+    for i in order:  # longest first, to the rank with the fewest tokens so far
+        r = min(range(dp_size), key=lambda r: (tokens[r], r))
+        shares[r].append(i)
+        tokens[r] += int(lengths[i])
+
+    def pack(rows: list[int]) -> list[list[int]]:
+        groups: list[list[int]] = []
+        for i in rows:  # rows come longest first: a group's first row is its longest
+            cost = (len(groups[-1]) + 1) * _round_up(int(lengths[groups[-1][0]]), pad_multiple) \
+                if groups else 0
+            if groups and cost <= max_tokens:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        return groups
+
+    plans = [pack(share) for share in shares]
+    count = max(len(p) for p in plans)
+    mine = plans[dp_rank]
+    mbs, longest = [], []
+    for g in range(count):
+        if g < len(mine):
+            index, live = torch.tensor(mine[g]), torch.ones(len(mine[g]), dtype=torch.bool)
+        else:  # fewer micro-batches than another rank: one masked row keeps the count
+            index, live = torch.tensor([start]), torch.zeros(1, dtype=torch.bool)
+        rows = batch.rows(index, live)
+        mbs.extend(rows.micro_batches(rows.size))
+        longest.append(int(rows.row_lengths().max()) if bool(live.any()) else 1)
+    return mbs, longest

@@ -268,6 +268,10 @@ def _check_lengths(cfg: RunConfig) -> None:
         require(seq % (2 * cp) == 0, "actor.seq_length",
                 f"{seq} is not divisible by 2*cp={2 * cp} (context parallel load balancing)",
                 f"use a multiple of {2 * cp}")
+    require(cfg.actor.max_tokens_per_micro_batch is None or cfg.parallel.pp == 1,
+            "actor.max_tokens_per_micro_batch", "token-budget micro-batches change shape, and "
+            f"a pipeline schedule (parallel.pp={cfg.parallel.pp}) needs one shape",
+            "use actor.micro_batch_size (rows are still cut to the update's longest) or pp=1")
     if cfg.rollout.routing_replay:
         require(cfg.model.num_experts > 0, "rollout.routing_replay", "needs an MoE model",
                 "set model.num_experts > 0 or rollout.routing_replay=false")

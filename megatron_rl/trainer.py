@@ -522,9 +522,13 @@ class Trainer:
         batch = build_batch(samples, reward_names=self.reward_names, weights=self.reward_weights,
                             advantages=advantages, seq_length=actor.seq_length,
                             mask_truncated=alg.overlong_filter)
+        par = self.cfg.parallel
         return split_updates(batch, updates=alg.mini_batches,
                              dp_size=self.actor.dp_size, dp_rank=self.actor.dp_rank,
-                             micro_batch_size=actor.micro_batch_size)
+                             micro_batch_size=actor.micro_batch_size,
+                             max_tokens=actor.max_tokens_per_micro_batch,
+                             pad_multiple=par.tp if self.actor.config.sequence_parallel else 1,
+                             same_shape=par.pp > 1, pad_to_seq_length=actor.pad_to_seq_length)
 
     @property
     def on_policy(self) -> bool:
@@ -666,9 +670,11 @@ class Trainer:
             total = result.stats.pop(GAP_SUM, 0.0)
             return {"mismatch/logp_abs_diff_mean": total / max(tokens, 1.0),
                     "mismatch/logp_abs_diff_max": result.stats.pop(GAP_MAX, 0.0)}
-        mask = torch.cat([mb.loss_mask for mb in mbs])
-        local = logprob_mismatch(torch.cat([mb.old_logprobs for mb in mbs]),
-                                 torch.cat([mb.rollout_logprobs for mb in mbs]), mask)
+        live = [mb.loss_mask != 0 for mb in mbs]  # micro-batches differ in length: flatten
+        pairs = list(zip(mbs, live, strict=True))
+        mask = torch.cat([m[m] for m in live]).float()
+        local = logprob_mismatch(torch.cat([mb.old_logprobs[m] for mb, m in pairs]),
+                                 torch.cat([mb.rollout_logprobs[m] for mb, m in pairs]), mask)
         mean_key, = (k for k in local if k.endswith("_mean"))
         max_key, = (k for k in local if k.endswith("_max"))
         tokens = float(mask.sum())

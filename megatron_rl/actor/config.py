@@ -282,9 +282,18 @@ class ActorConfig:
     use_distributed_optimizer: bool = False
     """Shard optimizer state over data-parallel ranks (Megatron distributed optimizer)."""
     micro_batch_size: int = 1
-    """Samples per forward/backward micro-batch."""
+    """Samples per forward/backward micro-batch (unless `max_tokens_per_micro_batch` is set)."""
     seq_length: int = 256
     """Maximum prompt + response tokens per sample."""
+    max_tokens_per_micro_batch: int | None = None
+    """Token budget of a micro-batch, rows x its longest row (slime's max_tokens_per_gpu,
+    verl's dynamic batch size): as many rows as fit, longest first, instead of
+    `micro_batch_size`; a step's rows are dealt to the DP ranks balanced by tokens. A row longer
+    than the budget gets a micro-batch of its own. None: `micro_batch_size` rows. Not with
+    pipeline parallelism (its schedule needs one shape)."""
+    pad_to_seq_length: bool = False
+    """Keep every row at `seq_length` tokens (the fixed shape: for comparisons and fixed-shape
+    kernels). Off: each micro-batch is cut to its longest row, so padding costs nothing."""
     recompute: Literal["none", "selective", "full"] = "none"
     """Activation recomputation granularity."""
     optimizer_cpu_offload: bool = False
@@ -327,7 +336,7 @@ class ActorConfig:
         for name in ("adam_beta1", "adam_beta2"):
             value = getattr(self, name)
             require(0.0 <= value < 1.0, name, f"must be in [0, 1), got {value}", "e.g. 0.9")
-        require_positive(self, "adam_eps", "micro_batch_size")
+        require_positive(self, "adam_eps", "micro_batch_size", "max_tokens_per_micro_batch")
         require(self.seq_length >= 2, "seq_length", f"must be >= 2, got {self.seq_length}",
                 "room for at least one prompt and one response token")
         require(not self.optimizer_cpu_offload or self.use_distributed_optimizer,
