@@ -1,7 +1,8 @@
 """The actor's building blocks at one rank: MoE features of the builder, the portable layers,
 log-probs over a padded vocabulary, the CPU compat layer, bf16, recompute, atomic checkpoints.
 
-Megatron keeps process-global state, so every check runs in a spawned process.
+Megatron keeps process-global state, so the checks run in a spawned process: one for the whole
+module (`rank_batches`), each worker starting its own actor.
 """
 
 from __future__ import annotations
@@ -11,8 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from megatron_rl.launch.spawn import RankFailure, run_ranks
+from rank_batches import Failed, ok, run_batch
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny_moe_cpu.yaml")
 SMALL = ["actor.seq_length=16", "actor.micro_batch_size=2", "rollout.max_new_tokens=8",
@@ -51,6 +51,24 @@ def _batch(vocab: int, n: int = 2, b: int = 2, s: int = 16, seed: int = 0):
     return mbs
 
 
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """Every worker of this module, run in turn in one 1-rank spawn: {name: result}."""
+    calls = {
+        "deepseek": (deepseek_worker, ()),
+        "recompute_none": (recompute_worker, ("none",)),
+        "recompute_full": (recompute_worker, ("full",)),
+        "bf16": (bf16_worker, ()),
+        "layers": (layers_worker, ()),
+        "checkpoint": (checkpoint_worker, (str(tmp_path_factory.mktemp("ckpt")),)),
+        "policy_kernel": (policy_impl_worker, ("kernel",)),
+        "policy_algorithms": (policy_impl_worker, ("algorithms",)),
+        "bad_layout": (deepseek_like_bad_worker, (["parallel.tp=3"],)),
+    }
+    results = run_batch(1, list(calls.values()))
+    return {name: res for name, (res,) in zip(calls, results, strict=True)}
+
+
 def deepseek_worker() -> dict:
     from megatron.core.transformer.mlp import MLP
     from megatron.core.transformer.moe.moe_layer import MoELayer
@@ -73,8 +91,8 @@ def deepseek_worker() -> dict:
     }
 
 
-def test_deepseek_style_moe_builds_and_trains():
-    (res,) = run_ranks(deepseek_worker, 1)
+def test_deepseek_style_moe_builds_and_trains(runs):
+    res = ok(runs["deepseek"])
     assert res["dense_first"] and res["shared"]
     assert res["updated"] and torch.isfinite(torch.tensor([res["loss"], res["grad_norm"]])).all()
     # Aux-loss-free balancing: finalize_model_grads moved every router's expert bias.
@@ -96,9 +114,8 @@ def recompute_worker(recompute: str) -> dict:
     return {"loss": stats["loss"], "grads": grads}
 
 
-def test_recompute_gives_the_same_loss_and_gradients():
-    (plain,) = run_ranks(recompute_worker, 1, "none")
-    (full,) = run_ranks(recompute_worker, 1, "full")
+def test_recompute_gives_the_same_loss_and_gradients(runs):
+    plain, full = ok(runs["recompute_none"]), ok(runs["recompute_full"])
     assert full["loss"] == pytest.approx(plain["loss"], rel=1e-6)
     for name, g in plain["grads"].items():
         torch.testing.assert_close(full["grads"][name], g, rtol=1e-5, atol=1e-7, msg=name)
@@ -117,8 +134,8 @@ def bf16_worker() -> dict:
             "type_name": torch.zeros(1).type()}
 
 
-def test_bf16_params_train_on_cpu():
-    (res,) = run_ranks(bf16_worker, 1)
+def test_bf16_params_train_on_cpu(runs):
+    res = ok(runs["bf16"])
     assert res["dtype"] == "torch.bfloat16" and res["updated"] and res["moved"] > 0
     # The optimizers saw CUDA type names only inside their constructors.
     assert res["type_name"] == "torch.FloatTensor"
@@ -164,8 +181,8 @@ def layers_worker() -> dict:
     return out
 
 
-def test_portable_layers_and_logprobs():
-    (res,) = run_ranks(layers_worker, 1)
+def test_portable_layers_and_logprobs(runs):
+    res = ok(runs["layers"])
     assert res["compat"] and res["cuda_zeros"] == "cpu"
     assert res["rmsnorm"] < 1e-6 and res["sdpa"] < 1e-5 and res["logprobs"] < 1e-5
     assert res["packed"] == [
@@ -202,18 +219,17 @@ def checkpoint_worker(root: str) -> dict:
             "step2_exists": os.path.exists(os.path.join(root, "step2")), "missing": missing}
 
 
-def test_checkpoint_save_is_atomic(tmp_path):
-    (res,) = run_ranks(checkpoint_worker, 1, str(tmp_path))
+def test_checkpoint_save_is_atomic(runs):
+    res = ok(runs["checkpoint"])
     assert res["crashed"]
     assert not res["step2_exists"], "a failed save must not look like a checkpoint"
-    assert res["latest"] == res["first"] == str(tmp_path / "step1")
+    assert res["latest"] == res["first"] and res["first"].endswith("/step1")
     assert "nowhere" in res["missing"] and "metadata.json" in res["missing"]
 
 
-def test_bad_layout_fails_with_config_error_in_the_rank():
-    def_bad = ["parallel.tp=3"]
-    with pytest.raises(RankFailure, match="parallel"):
-        run_ranks(deepseek_like_bad_worker, 1, def_bad, timeout_s=60)
+def test_bad_layout_fails_with_config_error_in_the_rank(runs):
+    res = runs["bad_layout"]
+    assert isinstance(res, Failed) and "parallel" in res.splitlines()[-1], res
 
 
 def deepseek_like_bad_worker(overrides: list[str]) -> None:
@@ -244,9 +260,8 @@ def policy_impl_worker(impl: str) -> dict:
     return {"stats": res.stats, "grad_norm": res.grad_norm}
 
 
-def test_fused_policy_loss_in_the_actor_matches_the_algorithms_library():
-    (kernel,) = run_ranks(policy_impl_worker, 1, "kernel")
-    (library,) = run_ranks(policy_impl_worker, 1, "algorithms")
+def test_fused_policy_loss_in_the_actor_matches_the_algorithms_library(runs):
+    kernel, library = ok(runs["policy_kernel"]), ok(runs["policy_algorithms"])
     assert kernel["grad_norm"] == pytest.approx(library["grad_norm"], rel=1e-5)
     assert "entropy_sum" in kernel["stats"] and "kl_sum" in kernel["stats"]
     for key, value in library["stats"].items():
