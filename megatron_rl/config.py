@@ -268,6 +268,10 @@ def _check_lengths(cfg: RunConfig) -> None:
         require(seq % (2 * cp) == 0, "actor.seq_length",
                 f"{seq} is not divisible by 2*cp={2 * cp} (context parallel load balancing)",
                 f"use a multiple of {2 * cp}")
+    require(not cfg.rollout.async_generation or cfg.algorithm.tis_cap is not None,
+            "rollout.async_generation", "one-step-stale samples need the importance-sampling "
+            "correction against the engine's log-probs",
+            "set algorithm.tis_cap (e.g. 2.0) or rollout.async_generation=false")
     require(cfg.actor.max_tokens_per_micro_batch is None or cfg.parallel.pp == 1,
             "actor.max_tokens_per_micro_batch", "token-budget micro-batches change shape, and "
             f"a pipeline schedule (parallel.pp={cfg.parallel.pp}) needs one shape",

@@ -18,6 +18,7 @@ A step whose loss or grad norm is not finite is skipped (weights and optimizer u
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
@@ -211,6 +212,13 @@ class Trainer:
                 in_process=not ro.engine_urls, timeout_s=ro.request_timeout_s,
                 disk_dir=ro.weight_sync_dir or Path(cfg.train.output_dir) / "weights")
             self._sync_to = self._sync_engines()
+        # rollout.async_generation (rank 0): the next step's samples, generating while this step
+        # trains; `_ready` holds them once awaited (before the engines' weights change).
+        self._engine_version = 0  # steps whose updates the engines' weights hold
+        self._generation: concurrent.futures.Future | None = None
+        self._ready: tuple[str, Any] | None = None
+        self._generator = (concurrent.futures.ThreadPoolExecutor(1, "rollout")
+                           if self.rank == 0 and ro.async_generation else None)
         self._restore()  # last: it restores the RNG that construction has drawn from
         self._check_saved_rollouts()
 
@@ -387,16 +395,47 @@ class Trainer:
         def draw() -> tuple[list[Sample], dict[str, float]]:
             if ro.load_dir is not None:
                 return self.loaded(step)
-            samples, report = self.sampler.sample()
-            summary = {"gen_batches": report.gen_batches, "groups_seen": report.groups_seen,
-                       "groups_kept": report.groups_kept,
-                       "generate_seconds": report.generate_seconds,
-                       "nonfinite_rewards": report.nonfinite_rewards}
-            if ro.save_dir is not None:
-                save_rollouts(ro.save_dir, step, samples, summary)
-            return samples, summary
+            if not ro.async_generation:
+                return self._generate(step, self._engine_version)
+            # async: this step's samples were generated while the last step trained (the first
+            # step's now); the next step's start now, with the weights just synced
+            kind, value = self._ready or ("ok", self._generate(step, self._engine_version))
+            self._ready = None
+            self._generation = self._generator.submit(self._generate, step + 1,
+                                                      self._engine_version)
+            if kind == "error":
+                raise value
+            return value
 
         return self._from_rank0(draw, f"step {step}: generation and rewards")
+
+    def _generate(self, step: int, version: int) -> tuple[list[Sample], dict[str, float]]:
+        """Rank 0: step `step`'s samples from the engines, which hold the weights after
+        `version` steps (recorded on each sample: its staleness when trained)."""
+        ro = self.cfg.rollout
+        samples, report = self.sampler.sample()
+        for s in samples:
+            s.metadata["policy_version"] = version
+        summary = {"gen_batches": report.gen_batches, "groups_seen": report.groups_seen,
+                   "groups_kept": report.groups_kept,
+                   "generate_seconds": report.generate_seconds,
+                   "nonfinite_rewards": report.nonfinite_rewards}
+        if ro.save_dir is not None:
+            save_rollouts(ro.save_dir, step, samples, summary)
+        return samples, summary
+
+    def _await_generation(self) -> float:
+        """Rank 0, async: wait for the samples generating in the background (before the
+        engines' weights or the prompt sampler's state change); returns the seconds waited."""
+        if self._generation is None:
+            return 0.0
+        t0 = time.perf_counter()
+        try:
+            self._ready = ("ok", self._generation.result())
+        except Exception as err:  # noqa: BLE001 - raised on every rank by the next draw
+            self._ready = ("error", err)
+        self._generation = None
+        return time.perf_counter() - t0
 
     def loaded(self, step: int) -> tuple[list[Sample], dict[str, float]]:
         """Step `step`'s saved samples, paid under this run's config: the reward functions'
@@ -604,6 +643,7 @@ class Trainer:
         weights are synced, the parameters go to host, the engines take their KV cache back."""
         if self._phase == "rollout":
             return dict(_NO_SYNC)
+        waited = self._await_generation()  # async: nothing may generate while weights change
         colocated = self.cfg.rollout.colocated
         if colocated:
             self.actor.offload(params=False)
@@ -613,7 +653,7 @@ class Trainer:
             self.actor.offload(params=True)
             self._engines_memory("resume_memory_occupation", ["kv_cache"])
         self._phase = "rollout"
-        return sync
+        return {**sync, "waited": waited}
 
     def to_training(self) -> None:
         """Colocated: the engines release their memory and the actor comes back from host."""
@@ -641,6 +681,7 @@ class Trainer:
             return dict(_NO_SYNC)
         report = self.weight_sync.sync(self._sync_to)
         self._engine_stale = False
+        self._engine_version = self.step
         return {"seconds": report.seconds, "bytes": float(report.bytes)}
 
     # ---- metrics -------------------------------------------------------------------------------
@@ -692,6 +733,8 @@ class Trainer:
         hits = [is_correct(s.rewards.get(accuracy, s.reward), correct) for s in samples]
         columns = {n: [s.rewards.get(n, math.nan) for s in samples] for n in self.reward_names}
         lengths = [len(s.response_ids) for s in samples]
+        stale = [self.step - 1 - s.metadata.get("policy_version", self.step - 1)
+                 for s in samples]
         stats = result.stats
         trained = sum(min(len(s.prompt_ids) + len(s.response_ids) - 1,
                           self.cfg.actor.seq_length) for s in samples)  # rows' real tokens
@@ -714,6 +757,11 @@ class Trainer:
             "dynamic_sampling/gen_batches": report["gen_batches"],
             "dynamic_sampling/keep_ratio": report["groups_kept"] / max(report["groups_seen"], 1),
             "weight_sync/seconds": sync["seconds"], "weight_sync/bytes": sync["bytes"],
+            # async generation: how long this step waited for its samples, and how many
+            # updates behind the trained weights the weights that generated them were
+            "rollout/wait_seconds": sync.get("waited", 0.0),
+            "rollout/staleness_mean": sum(stale) / len(stale),
+            "rollout/staleness_max": float(max(stale)),
             "throughput/step_seconds": seconds["step"],
             "throughput/rollout_tokens_per_s": sum(lengths) / max(report["generate_seconds"],
                                                                   1e-9),
@@ -734,6 +782,8 @@ class Trainer:
     def save(self) -> Path:
         """A whole-run checkpoint of the current step (collective; see `run_state`)."""
         self.to_training()  # the actor's state on its devices (after an evaluation)
+        if self.rank == 0:  # async: the prompt sampler's state must not move while saved; the
+            self._await_generation()  # samples in flight are lost to a resumed run
         state = {"step": self.step, "nonfinite_streak": self.nonfinite_streak}
         if self.rank == 0:
             state["prompts"] = self.prompts.state_dict()

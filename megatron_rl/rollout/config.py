@@ -55,11 +55,19 @@ class RolloutConfig:
     load_dir: str | None = None
     """Train from the samples a run saved in `save_dir` instead of generating: no engine, no
     weight sync; None = generate."""
+    async_generation: bool = False
+    """One-step off-policy (slime's async mode, verl's one-step off-policy): step t+1's samples
+    are generated while step t trains, by the engine holding the weights of step t-1's update.
+    Samples record the weights they came from (`rollout/staleness`); the loss corrects with the
+    engine's log-probs as the behaviour policy (needs `algorithm.tis_cap`). Engines do not
+    share the actor's devices then (`colocate` defaults to false)."""
 
     @property
     def colocated(self) -> bool:
         """`colocate`, with its default resolved."""
-        return not self.engine_urls if self.colocate is None else self.colocate
+        if self.colocate is None:
+            return not self.engine_urls and not self.async_generation
+        return self.colocate
 
     @property
     def call_timeout_s(self) -> float:
@@ -71,6 +79,11 @@ class RolloutConfig:
         require_positive(self, "prompts_per_step", "n_samples_per_prompt", "max_new_tokens",
                          "weight_sync_bucket_mb", "request_timeout_s")
         require_non_negative(self, "max_retries")
+        require(not (self.async_generation and self.colocate), "async_generation",
+                "generating while the actor trains needs devices of their own",
+                "set rollout.colocate=false (or leave it unset) or async_generation=false")
+        require(not (self.async_generation and self.load_dir), "async_generation",
+                "saved rollouts (load_dir) are not generated", "set async_generation=false")
         require(self.over_sampling >= 1.0, "over_sampling",
                 f"must be >= 1, got {self.over_sampling}", "use 1.0 to draw exactly what is needed")
         require(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}",
