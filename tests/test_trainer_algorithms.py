@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from megatron_rl.launch.spawn import run_ranks
+from rank_batches import ok, run_batch
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny_moe_cpu.yaml")
 
@@ -129,13 +128,46 @@ def _gdpo_reference(r_bk: torch.Tensor, groups: torch.Tensor, w: torch.Tensor,
     return out
 
 
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """Every trainer run of this module, in turn in two spawns (1 rank, then 2 ranks), each in
+    a directory of its own: {name: ([result of each rank], directory)}."""
+    def d(name: str) -> str:
+        return str(tmp_path_factory.mktemp(name))
+
+    batches = {1: {
+        "gdpo-1rank": (gdpo_worker, (d("gdpo1"),)),
+        "replay-1rank-on": (replay_worker, (d("replay_on"), [], True, PERTURB)),
+        "replay-1rank-off": (replay_worker, (d("replay_off"), [], False, PERTURB)),
+        "agreement": (replay_worker, (d("agreement"), [], False, 0.0)),
+        "load_dir": (load_dir_worker, (d("load_dir"),)),
+        "options": (options_worker, (d("options"),)),
+        "estimators": (estimator_worker, (d("estimators"),)),
+    }, 2: {
+        "gdpo-dp2": (gdpo_worker, (d("gdpo2"),)),
+        **{f"replay-{ident}-on": (replay_worker, (d(f"replay_{ident}"), overrides, True, PERTURB))
+           for ident, (_, overrides) in zip(["ep2", "tp2"], REPLAY_CASES[1:], strict=True)},
+    }}
+    out = {}
+    for world, calls in batches.items():
+        results = run_batch(world, list(calls.values()), timeout_s=1800)
+        for (name, (_, args)), res in zip(calls.items(), results, strict=True):
+            out[name] = (res, Path(args[0]))
+    return out
+
+
+def _results(runs: dict, name: str) -> tuple[list, Path]:
+    results, tmp = runs[name]
+    return [ok(r) for r in results], tmp
+
+
 @pytest.mark.parametrize("world", [1, 2], ids=["1rank", "dp2"])
-def test_gdpo_advantages_reach_the_update(world, tmp_path):
+def test_gdpo_advantages_reach_the_update(world, runs):
     from megatron_rl.algorithms import gdpo
     from megatron_rl.batching import token_rows
     from megatron_rl.rollout.store import load_rollouts
 
-    results = run_ranks(gdpo_worker, world, str(tmp_path), timeout_s=600)
+    results, tmp_path = _results(runs, "gdpo-1rank" if world == 1 else "gdpo-dp2")
     samples, _ = load_rollouts(tmp_path / "rollouts", 1)
     names, weights = results[0]["names"], torch.tensor(results[0]["weights"], dtype=torch.float64)
     assert names == ["test_trainer_algorithms:parity", "test_trainer_algorithms:vowels"]
@@ -223,17 +255,16 @@ REPLAY_CASES = [(1, []), (2, ["parallel.ep=2"]), (2, ["parallel.tp=2"])]
 
 
 @pytest.mark.parametrize(("world", "overrides"), REPLAY_CASES, ids=["1rank", "ep2", "tp2"])
-def test_routing_replay_uses_the_engines_experts(world, overrides, tmp_path):
-    on = run_ranks(replay_worker, world, str(tmp_path / "on"), overrides, True, PERTURB,
-                   timeout_s=600)
+def test_routing_replay_uses_the_engines_experts(world, overrides, runs, request):
+    ident = request.node.callspec.id
+    on, _ = _results(runs, f"replay-{ident}-on")
     # Every trained position of every forward (old log-probs and update), on every rank (under
     # SP a rank may hold only prompt positions, so count over the ranks).
     assert all(res["same"] == res["total"] for res in on) and sum(r["total"] for r in on) > 0
     m_on = on[0]["metrics"]
     assert 0.0 <= m_on["routing/agreement"] < 0.99  # the perturbed engine disagrees
     if world == 1:  # the gap, replay off vs on, from the same start (one layout is enough)
-        off = run_ranks(replay_worker, world, str(tmp_path / "off"), overrides, False, PERTURB,
-                        timeout_s=600)
+        off, _ = _results(runs, "replay-1rank-off")
         m_off = off[0]["metrics"]
         assert off[0]["same"] < off[0]["total"]  # without replay the actor routes its own way
         # Measured in the same pass either way; under replay, deeper routers see the hidden
@@ -243,8 +274,8 @@ def test_routing_replay_uses_the_engines_experts(world, overrides, tmp_path):
         assert m_on[gap] <= m_off[gap], (m_on[gap], m_off[gap])
 
 
-def test_routing_agreement_is_logged_without_replay(tmp_path):
-    res = run_ranks(replay_worker, 1, str(tmp_path), [], False, 0.0, timeout_s=600)[0]
+def test_routing_agreement_is_logged_without_replay(runs):
+    res = _results(runs, "agreement")[0][0]
     # Same weights, fp32: the actor's routers agree with the engine's almost everywhere.
     assert res["metrics"]["routing/agreement"] > 0.95
 
@@ -290,9 +321,9 @@ def load_dir_worker(tmp: str) -> dict:
     return out
 
 
-def test_load_dir_trains_bit_identically_without_an_engine(tmp_path):
+def test_load_dir_trains_bit_identically_without_an_engine(runs):
+    (res,), tmp_path = _results(runs, "load_dir")
     saved = tmp_path / "rollouts"
-    res = run_ranks(load_dir_worker, 1, str(tmp_path), timeout_s=900)[0]
     a, b, c = res["a"], res["b"], res["c"]
     assert res["saved"] == ["step_1.pt", "step_2.pt"]
     for key in ("actor/loss", "actor/grad_norm", "reward/mean", "accuracy", "actor/entropy"):
@@ -392,11 +423,11 @@ def options_worker(out: str) -> dict:
     return {"checks": checks, "inputs": inputs, "metrics": history[0], "rows": rows}
 
 
-def test_every_loss_option_reaches_the_update(tmp_path):
+def test_every_loss_option_reaches_the_update(runs):
     from megatron_rl.batching import token_rows
     from megatron_rl.rollout.store import load_rollouts
 
-    res = run_ranks(options_worker, 1, str(tmp_path), timeout_s=600)[0]
+    (res,), tmp_path = _results(runs, "options")
     assert res["inputs"] == {"ref": True, "rollout": True, "needs_entropy": True}
     for name, (got, want, plain) in res["checks"].items():
         assert got == pytest.approx(want, rel=1e-6, abs=1e-9), name
@@ -482,11 +513,11 @@ def _reference_advantages(estimator: str, r: torch.Tensor, groups: torch.Tensor,
     return out
 
 
-def test_advantage_estimators_reach_the_update(tmp_path):
+def test_advantage_estimators_reach_the_update(runs):
     from megatron_rl.batching import token_rows
     from megatron_rl.rollout.store import load_rollouts
 
-    rows = run_ranks(estimator_worker, 1, str(tmp_path), timeout_s=600)[0]
+    (rows,), tmp_path = _results(runs, "estimators")
     samples, _ = load_rollouts(tmp_path / "rollouts", 1)
     # The paid reward: both functions by weight, plus the tiny config's (DAPO) soft overlong
     # punishment, a column of weight 1.
