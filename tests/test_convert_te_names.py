@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from rank_batches import ok, run_batch
 
 from megatron_rl.convert.te_names import canonical, ignored
-from megatron_rl.launch.spawn import run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -387,11 +387,24 @@ CASES = [("qwen3_moe", 1, {}), ("qwen3_moe", 2, {"ep": 2}),
          ("deepseek_v3", 1, {}), ("deepseek_v3", 2, {"tp": 2, "sequence_parallel": True})]
 
 
+@pytest.fixture(scope="module")
+def te_runs(tmp_path_factory) -> dict:
+    """Every case's `te_worker`, the cases of one world size in turn in one spawn:
+    {case index: [result of each rank]}."""
+    out = {}
+    for world in sorted({w for _, w, _ in CASES}):
+        idx = [i for i, case in enumerate(CASES) if case[1] == world]
+        calls = [(te_worker, (CASES[i][0], CASES[i][2], str(tmp_path_factory.mktemp("hf"))))
+                 for i in idx]
+        out.update(zip(idx, run_batch(world, calls, timeout_s=600), strict=True))
+    return out
+
+
 @pytest.mark.parametrize(("kind", "world", "parallel"), CASES,
                          ids=["qwen3_moe-single", "qwen3_moe-ep2", "qwen3_moe-tp2-etp2-sp",
                               "deepseek_v3-single", "deepseek_v3-tp2-sp"])
-def test_te_names_export_and_load_like_portable(kind, world, parallel, tmp_path):
-    results = run_ranks(te_worker, world, kind, parallel, str(tmp_path / "hf"), timeout_s=240)
+def test_te_names_export_and_load_like_portable(kind, world, parallel, te_runs):
+    results = [ok(res) for res in te_runs[CASES.index((kind, world, parallel))]]
     for res in results:
         names = res["te_names"]
         # Not vacuous: the tree has the TE spec's names, not the portable ones.
