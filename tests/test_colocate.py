@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from megatron_rl.launch.spawn import run_ranks
+from rank_batches import ok, run_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs/tiny_moe_cpu.yaml")
@@ -85,8 +84,19 @@ def _squash(log: list[str]) -> list[str]:
     return out
 
 
-def test_trainer_runs_the_colocated_sequence(tmp_path: Path) -> None:
-    (result,) = run_ranks(colocated_worker, 1, str(tmp_path), timeout_s=600)
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """This module's workers in turn in one 1-rank spawn: {name: result}."""
+    calls = {"colocated": (colocated_worker, (str(tmp_path_factory.mktemp("colocated")),))}
+    for dist_opt in (False, True):
+        calls[f"offload-{dist_opt}"] = (offload_worker, (dist_opt,))
+        calls[f"reference-{dist_opt}"] = (reference_worker, (dist_opt,))
+    return {name: res for name, (res,) in zip(calls, run_batch(1, list(calls.values())),
+                                                strict=True)}
+
+
+def test_trainer_runs_the_colocated_sequence(runs: dict) -> None:
+    result = ok(runs["colocated"])
     step = ["offload(grads, optimizer)", "resume_memory_occupation(['weights'])", "sync",
             "flush_cache", "offload(params)", "resume_memory_occupation(['kv_cache'])",
             "generate", "release_memory_occupation(None)", "onload", "train_step"]
@@ -149,9 +159,10 @@ def reference_worker(distributed_optimizer: bool) -> dict:
 
 
 @pytest.mark.parametrize("distributed_optimizer", [False, True], ids=["adam", "distopt"])
-def test_offload_releases_and_restores_the_actor_exactly(distributed_optimizer: bool) -> None:
-    (got,) = run_ranks(offload_worker, 1, distributed_optimizer, timeout_s=300)
-    (ref,) = run_ranks(reference_worker, 1, distributed_optimizer, timeout_s=300)
+def test_offload_releases_and_restores_the_actor_exactly(distributed_optimizer: bool,
+                                                        runs: dict) -> None:
+    got = ok(runs[f"offload-{distributed_optimizer}"])
+    ref = ok(runs[f"reference-{distributed_optimizer}"])
     assert got["released"]  # the parameters' memory was really given up
     assert torch.equal(got["before"], got["after"])
     assert got["buckets"] and all(t.numel() > 0 for b in got["buckets"] for _, t in b)
