@@ -573,8 +573,10 @@ class Trainer:
     def on_policy(self) -> bool:
         """One update per step (`algorithm.mini_batches=1`): the weights that sampled are the
         ones being trained, so the ratio's denominator is the update's own log-probs, detached
-        (ratio 1, the same gradient), and no separate forward runs for it."""
-        return self.cfg.algorithm.mini_batches == 1
+        (ratio 1, the same gradient), and no separate forward runs for it (unless
+        `algorithm.old_logprob_forward`)."""
+        alg = self.cfg.algorithm
+        return alg.mini_batches == 1 and not alg.old_logprob_forward
 
     def old_logprobs(self, updates: list[list[MicroBatch]]) -> float:
         """Log-probs of the sampling weights (the ratio's denominator; none when `on_policy`),

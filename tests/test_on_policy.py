@@ -32,9 +32,9 @@ def step_worker(out: str, separate_forward: bool, kl: float) -> dict:
         f"train.output_dir={out}/run", f"logging.log_dir={out}/tb", f"checkpoint.dir={out}/ck",
         "logging.tensorboard=false", "algorithm.dynamic_sampling=false",
         "algorithm.mini_batches=1", f"algorithm.kl_coef={kl}", "actor.lr=0.01",
+        # the reference: the old path, a forward for the old log-probs
+        f"algorithm.old_logprob_forward={str(separate_forward).lower()}",
     ], world_size=int(os.environ["WORLD_SIZE"]))
-    if separate_forward:  # the reference: the old path, a forward for the old log-probs
-        Trainer.on_policy = property(lambda self: False)
     trainer = Trainer(cfg)
     forwards = {"actor": 0, "reference": 0}
     lp = trainer.actor.logprobs_and_routing

@@ -83,6 +83,10 @@ class AlgorithmConfig:
     one update each, all against the same old log-probs (verl's train_batch_size /
     ppo_mini_batch_size, slime's num_steps_per_rollout; DAPO used 16). With 1 the update is
     on-policy, the ratio is exactly 1 and the clip (so clip-higher) never acts."""
+    old_logprob_forward: bool = False
+    """Run the separate forward for the old log-probs even with one update per step (its
+    result equals the update's own, detached: it only costs time; for comparisons). Off: that
+    forward runs only when `mini_batches > 1`."""
 
     def validate(self) -> None:
         """Ranges of the clip, KL and shaping settings."""
