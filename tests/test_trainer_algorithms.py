@@ -70,6 +70,13 @@ class _Capture:
         actor.logprobs_and_routing, actor.train_step = logprobs_and_routing, train_step
 
 
+def _same_row(full: torch.Tensor, trained: torch.Tensor) -> bool:
+    """`trained` (a row as a micro-batch holds it: cut to the micro-batch's longest row) is
+    `full` (a row built at actor.seq_length) without right padding."""
+    n = trained.numel()
+    return torch.equal(full[:n], trained) and not full[n:].any()
+
+
 # ---- GDPO ----------------------------------------------------------------------------------------
 
 def gdpo_worker(out: str) -> dict:
@@ -191,7 +198,7 @@ def test_gdpo_advantages_reach_the_update(world, runs):
     assert live.sum() >= len(samples) - 2  # responses fit in the rows
     assert len(trained) == int(live.sum())  # every live sample trained exactly once
     for row, adv in trained:
-        hits = [i for i in range(len(samples)) if torch.equal(tokens[i], row)]
+        hits = [i for i in range(len(samples)) if _same_row(tokens[i], row)]
         assert hits, "a trained row is not one of the step's samples"
         assert any(abs(adv - float(expected[i])) < 1e-5 for i in hits), (adv, expected[hits])
 
@@ -237,7 +244,7 @@ def replay_worker(out: str, overrides: list[str], replay: bool, perturb: float) 
     with rr.recording(trainer.actor) as calls:
         history = trainer.run(steps=1)
     sp = bool(trainer.actor.config.sequence_parallel)
-    mbs = capture.logprob_passes[0] + [mb for p in capture.train_passes for mb in p]
+    mbs = [mb for p in capture.logprob_passes + capture.train_passes for mb in p]
     assert len(calls) == len(mbs)
     same = total = 0
     for call, mb in zip(calls, mbs, strict=True):
@@ -441,7 +448,7 @@ def test_every_loss_option_reaches_the_update(runs):
     assert any(s.truncated for s in samples) and not all(s.truncated for s in samples)
     tokens = token_rows(samples, 160)["tokens"]
     for row, trained in res["rows"]:
-        hits = [s for i, s in enumerate(samples) if torch.equal(tokens[i], row)]
+        hits = [s for i, s in enumerate(samples) if _same_row(tokens[i], row)]
         if hits and trained > 0:
             assert not any(s.truncated for s in hits)
         elif hits:
@@ -536,6 +543,6 @@ def test_advantage_estimators_reach_the_update(runs):
         assert expected.abs().max() > 0  # some group varies: not vacuous
         assert rows[estimator]
         for row, adv in rows[estimator]:
-            hits = [i for i in range(len(samples)) if torch.equal(tokens[i], row)]
+            hits = [i for i in range(len(samples)) if _same_row(tokens[i], row)]
             assert any(abs(adv - float(expected[i])) < 1e-5 for i in hits), \
                 (estimator, adv, expected[hits])
