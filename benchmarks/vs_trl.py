@@ -150,6 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average before {_load(load_before)}, after {_load(load_after)}")
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if set(SIDES) <= set(sides):
+        png = out.with_suffix(".png")
+        plot_curves(results, png)
+        print(f"[vs_trl] accuracy vs wall clock: {png}")
+        print(ratio_lines(results))
     out.write_text(json.dumps({
         "config_file": args.config, "steps": args.steps, "seeds": seeds, "threads": args.threads,
         "overrides": HEAD_TO_HEAD + tuple(args.overrides),
@@ -258,6 +263,57 @@ def format_table(results: list[dict[str, Any]], markdown: bool = False) -> str:
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(heads)]
     fmt_line = "  ".join(f"{{:<{w}}}" if i < 2 else f"{{:>{w}}}" for i, w in enumerate(widths))
     return "\n".join([fmt_line.format(*heads)] + [fmt_line.format(*c) for c in cells])
+
+
+def ratio_lines(results: list[dict[str, Any]]) -> str:
+    """Per seed: ours/TRL end-to-end tokens/s and held-out accuracy after the same steps; the
+    last line is the median ratio over the seeds run."""
+    by = {(r["side"], r["seed"]): _row(r) for r in results}
+    seeds = sorted({seed for side, seed in by if (("ours", seed) in by and ("trl", seed) in by)})
+    lines, ratios = [], []
+    for seed in seeds:
+        ours, trl = by["ours", seed], by["trl", seed]
+        ratio = ours["total_tok_s"] / trl["total_tok_s"]
+        ratios.append(ratio)
+        lines.append(f"seed {seed}: ours/TRL end-to-end tokens/s {ratio:.2f}; held-out accuracy "
+                     f"after {ours['steps']:.0f} steps: ours {ours['eval_after']:.3f}, TRL "
+                     f"{trl['eval_after']:.3f}")
+    if seeds:
+        mean = {side: statistics.mean(by[side, seed]["eval_after"] for seed in seeds)
+                for side in SIDES}
+        lines.append(f"held-out accuracy after, mean over {len(seeds)} seed(s): ours "
+                     f"{mean['ours']:.3f}, TRL {mean['trl']:.3f}")
+        lines.append(f"ours/TRL end-to-end tokens/s: {statistics.median(ratios):.2f}")
+    return "\n".join(lines)
+
+
+def plot_curves(results: list[dict[str, Any]], path: Path) -> None:
+    """Train-batch accuracy per step against cumulative wall clock, and the held-out accuracy
+    before (t=0) and after (t=end), for every (side, seed): one PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    colors = {"ours": "tab:blue", "trl": "tab:orange"}
+    for r in results:
+        steps = r["per_step"]["step_s"]
+        clock = [sum(steps[: i + 1]) for i in range(len(steps))]
+        label = f"{r['side']} seed {r['seed']}"
+        ax.plot(clock, r["per_step"]["accuracy"], color=colors[r["side"]], alpha=0.6,
+                label=f"{label}: train batch")
+        ends = [0.0, clock[-1] if clock else 0.0]
+        accs = [r["eval_before"].get("eval/accuracy", math.nan),
+                r["eval_after"].get("eval/accuracy", math.nan)]
+        ax.plot(ends, accs, "o--", color=colors[r["side"]], label=f"{label}: held-out")
+    ax.set_xlabel("wall clock of the steps (s)")
+    ax.set_ylabel("accuracy")
+    ax.set_title("accuracy vs wall clock: ours vs TRL (same model, task, budget)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def _versions() -> dict[str, str]:
