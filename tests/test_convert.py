@@ -5,13 +5,13 @@ back gives bitwise-identical tensors and an equivalent config."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
+from rank_batches import Failed, ok, run_batch
 from safetensors import safe_open
-
-from megatron_rl.launch.spawn import RankFailure, run_ranks
 
 SEQ, BATCH = 12, 2
 COMMON = dict(vocab_size=160, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -142,13 +142,28 @@ CASES = [
 ]
 
 
+@pytest.fixture(scope="module")
+def converted(hf_models, tmp_path_factory):
+    """Every case's `convert_worker`, the cases of one world size in turn in one spawn:
+    {case index: ([result of each rank], directory saved back to)}."""
+    out = {}
+    for world in sorted({w for _, w, _ in CASES}):
+        idx = [i for i, case in enumerate(CASES) if case[1] == world]
+        backs = [tmp_path_factory.mktemp("back") / "back" for _ in idx]
+        calls = [(convert_worker, (str(hf_models(CASES[i][0])[0]), CASES[i][2], str(back)))
+                 for i, back in zip(idx, backs, strict=True)]
+        results = run_batch(world, calls)
+        out.update({i: (res, back) for i, res, back in zip(idx, results, backs, strict=True)})
+    return out
+
+
 @pytest.mark.parametrize(("kind", "world", "parallel"), CASES,
                          ids=[f"{k}-{w}r-{'-'.join(f'{a}{b}' for a, b in p.items()) or 'single'}"
                               for k, w, p in CASES])
-def test_logits_match_transformers_and_round_trip(kind, world, parallel, hf_models, tmp_path):
+def test_logits_match_transformers_and_round_trip(kind, world, parallel, hf_models, converted):
     path, hf_logits = hf_models(kind)
-    out = tmp_path / "back"
-    results = run_ranks(convert_worker, world, str(path), parallel, str(out))
+    results, out = converted[CASES.index((kind, world, parallel))]
+    results = [ok(res) for res in results]
     want_lp = _hf_logprobs(hf_logits)
     for res in results:
         lo, hi = res["rows"]
@@ -176,26 +191,29 @@ def test_errors_name_the_problem(hf_models, tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         hf_model_config(tmp_path)
     path, _ = hf_models("qwen3")
-    # A checkpoint that lacks a tensor, and one with an extra tensor, fail naming them.
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    (broken / "config.json").write_text((path / "config.json").read_text())
+    # A checkpoint that lacks a tensor, one with an extra tensor, and one with a tensor of the
+    # wrong shape fail naming them (the three loaded in turn in one spawn).
     tensors = _tensors(path)
     from safetensors.torch import save_file
 
     dropped = "model.layers.1.self_attn.k_proj.weight"
-    save_file({k: v for k, v in tensors.items() if k != dropped}, str(broken / "model.safetensors"))
-    with pytest.raises(RankFailure, match=f"missing tensors.*{dropped}"):
-        run_ranks(convert_worker, 1, str(broken), {}, None)
-    save_file(tensors | {"model.layers.0.mystery.weight": torch.zeros(2)},
-              str(broken / "model.safetensors"))
-    with pytest.raises(RankFailure, match="no Megatron counterpart.*mystery"):
-        run_ranks(convert_worker, 1, str(broken), {}, None)
-    bad = {k: (v[:, :-1].contiguous() if k == "model.layers.0.self_attn.o_proj.weight" else v)
-           for k, v in tensors.items()}
-    save_file(bad, str(broken / "model.safetensors"))
-    with pytest.raises(RankFailure, match="linear_proj.*expected shape"):
-        run_ranks(convert_worker, 1, str(broken), {}, None)
+    cases = {  # error expected: the checkpoint's tensors
+        f"missing tensors.*{dropped}": {k: v for k, v in tensors.items() if k != dropped},
+        "no Megatron counterpart.*mystery": tensors | {"model.layers.0.mystery.weight":
+                                                       torch.zeros(2)},
+        "linear_proj.*expected shape": {
+            k: (v[:, :-1].contiguous() if k == "model.layers.0.self_attn.o_proj.weight" else v)
+            for k, v in tensors.items()},
+    }
+    calls = []
+    for i, bad in enumerate(cases.values()):
+        broken = tmp_path / f"broken{i}"
+        broken.mkdir()
+        (broken / "config.json").write_text((path / "config.json").read_text())
+        save_file(bad, str(broken / "model.safetensors"))
+        calls.append((convert_worker, (str(broken), {}, None)))
+    for message, (res,) in zip(cases, run_batch(1, calls), strict=True):
+        assert isinstance(res, Failed) and re.search(message, res), (message, res)
 
 
 def test_cli_round_trip_with_two_ranks_and_clear_errors(hf_models, tmp_path):
