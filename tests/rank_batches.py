@@ -52,3 +52,16 @@ def ok(result: Any) -> Any:
     if isinstance(result, Failed):
         pytest.fail(str(result), pytrace=False)
     return result
+
+
+def run_cases(cases: Sequence[tuple[int, Callable[..., Any], Sequence[Any]]],
+              timeout_s: float = 1200) -> list[list]:
+    """`(world, fn, args)` per case; the cases of one world size run in turn in one spawn of
+    that many ranks. Per case, the results of every rank in rank order (as `run_batch`)."""
+    out: list[list] = [[] for _ in cases]
+    for world in sorted({case[0] for case in cases}):
+        idx = [i for i, case in enumerate(cases) if case[0] == world]
+        results = run_batch(world, [(cases[i][1], cases[i][2]) for i in idx], timeout_s)
+        for i, res in zip(idx, results, strict=True):
+            out[i] = res
+    return out

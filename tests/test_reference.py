@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from megatron_rl.launch.spawn import run_ranks
+from rank_batches import ok, run_cases
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny_moe_cpu.yaml")
 BATCH, SEQ, ROWS_PER_MB = 4, 32, 2
@@ -155,8 +154,24 @@ def _check(res: dict) -> None:
     assert res["step_moved"] > 0 and res["step_same"]
 
 
-def test_reference_swap_single_rank_with_expert_bias_and_kl():
-    (res,) = run_ranks(swap_worker, 1, EXPERT_BIAS, True, timeout_s=120)
+TWO_RANKS = {
+    "tp2_ep2": ["parallel.tp=2", "parallel.ep=2", "parallel.etp=1",
+                "parallel.sequence_parallel=true"],
+    "dp2_distopt_bf16": ["actor.use_distributed_optimizer=true", "actor.params_dtype=bfloat16"],
+}
+
+
+@pytest.fixture(scope="module")
+def runs() -> dict:
+    """Every swap run: the 1-rank one, then the 2-rank layouts in turn in one spawn."""
+    cases = {"single": (1, swap_worker, (EXPERT_BIAS, True)),
+             **{name: (2, swap_worker, (overrides, False)) for name, overrides in
+                TWO_RANKS.items()}}
+    return dict(zip(cases, run_cases(list(cases.values()), timeout_s=600), strict=True))
+
+
+def test_reference_swap_single_rank_with_expert_bias_and_kl(runs):
+    res = ok(runs["single"][0])
     _check(res)
     assert len(res["bias_moved"]) == 2 and max(res["bias_moved"]) > 0  # a bias per MoE layer
     kl0, kl1 = res["kl"]
@@ -164,12 +179,10 @@ def test_reference_swap_single_rank_with_expert_bias_and_kl():
     assert kl1 > 1e-6  # one update later the policy has moved away from the reference
 
 
-@pytest.mark.parametrize("overrides", [
-    ["parallel.tp=2", "parallel.ep=2", "parallel.etp=1", "parallel.sequence_parallel=true"],
-    ["actor.use_distributed_optimizer=true", "actor.params_dtype=bfloat16"],
-], ids=["tp2_ep2", "dp2_distopt_bf16"])
-def test_reference_swap_two_ranks(overrides):
-    results = run_ranks(swap_worker, 2, overrides, False, timeout_s=120)
+@pytest.mark.parametrize("name", list(TWO_RANKS))
+def test_reference_swap_two_ranks(name, runs):
+    overrides = TWO_RANKS[name]
+    results = [ok(res) for res in runs[name]]
     for res in results:
         _check(res)
     if "actor.use_distributed_optimizer=true" in overrides:

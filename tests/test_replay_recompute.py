@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from rank_batches import ok, run_cases
 from test_weight_sync import SEQ, _mb, _model_cfg, _perturb
-
-from megatron_rl.launch.spawn import run_ranks
 
 N_MB, MBS = 3, 2
 
@@ -96,9 +95,15 @@ def recompute_worker(parallel: dict) -> dict:
 CASES = [(1, {}), (2, {"tp": 2, "sequence_parallel": True}), (2, {"ep": 2})]
 
 
+@pytest.fixture(scope="module")
+def runs() -> list[list]:
+    """Every case's worker; the 2-rank cases in turn in one spawn."""
+    return run_cases([(world, recompute_worker, (parallel,)) for world, parallel in CASES])
+
+
 @pytest.mark.parametrize(("world", "parallel"), CASES, ids=["single", "tp2-sp", "ep2"])
-def test_replay_under_full_recompute(world, parallel):
-    for res in run_ranks(recompute_worker, world, parallel, timeout_s=300):
+def test_replay_under_full_recompute(world, parallel, runs):
+    for res in map(ok, runs[CASES.index((world, parallel))]):
         want, full, none = res["want"], res["full"], res["none"]
         # Not vacuous: the routers' own choice differs from the engine's.
         for own, engine in zip(none["own"], want, strict=True):
