@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from rank_batches import ok, run_cases
 
 from megatron_rl.launch.spawn import run_ranks
 
@@ -178,9 +179,16 @@ def _gathered(call: dict[int, torch.Tensor], n: int) -> torch.Tensor:
 CASES = [(1, {}), (2, {"tp": 2, "sequence_parallel": True}), (2, {"ep": 2})]
 
 
+@pytest.fixture(scope="module")
+def sync_runs(tmp_path_factory) -> list[list]:
+    """Every case's worker; the 2-rank cases in turn in one spawn."""
+    return run_cases([(world, sync_worker, (parallel, str(tmp_path_factory.mktemp("hf"))))
+                      for world, parallel in CASES], timeout_s=600)
+
+
 @pytest.mark.parametrize(("world", "parallel"), CASES, ids=["single", "tp2-sp", "ep2"])
-def test_sync_parity_and_replay(world, parallel, tmp_path):
-    results = run_ranks(sync_worker, world, parallel, str(tmp_path / "hf"), timeout_s=240)
+def test_sync_parity_and_replay(world, parallel, sync_runs):
+    results = [ok(res) for res in sync_runs[CASES.index((world, parallel))]]
     r0 = results[0]
     # Not vacuous: before the sync the engine's random init disagrees with the actor.
     assert (r0["before"] - r0["actor"]).abs().max() > 0.5
