@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+from rank_batches import ok, run_batch
 
 from megatron_rl.launch.spawn import run_ranks
 
@@ -101,15 +102,35 @@ def copy_checkpoint(src: Path, step: int, dst: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> tuple[list[dict], Path]:
+def runs(tmp_path_factory) -> dict:
+    """In turn in one 1-rank spawn: 4 steps saving every 2 (the reference every resume must
+    repeat), then the runs that start from its checkpoints, each in a directory of its own:
+    {name: (result, directory)}."""
+    d = {name: tmp_path_factory.mktemp(name)
+         for name in ("uninterrupted", "exact", "more", "initial")}
+    ckpt = d["uninterrupted"] / "ckpt"
+    calls = {
+        "uninterrupted": (run_worker, (["checkpoint.save_interval=2", "checkpoint.keep_last=0"],
+                                       str(d["uninterrupted"]))),
+        "copy_2": (copy_checkpoint, (ckpt, 2, d["exact"] / "ckpt")),
+        "exact": (run_worker, (["checkpoint.resume=true"], str(d["exact"]))),
+        "copy_last": (copy_checkpoint, (ckpt, STEPS, d["more"] / "ckpt")),
+        "more": (run_worker, (["checkpoint.resume=true", f"train.steps={STEPS + 1}"],
+                              str(d["more"]))),
+        "initial": (initial_weights_worker, (str(ckpt / "step_4"), str(d["initial"]))),
+    }
+    results = run_batch(1, list(calls.values()), timeout_s=900)
+    return {name: (res, d.get(name)) for name, (res,) in zip(calls, results, strict=True)}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(runs) -> tuple[list[dict], Path]:
     """4 steps in one process, saving every 2 steps: the reference every resume must repeat."""
-    out = tmp_path_factory.mktemp("uninterrupted")
-    res = run_ranks(run_worker, 1, ["checkpoint.save_interval=2", "checkpoint.keep_last=0"],
-                    str(out), timeout_s=300)[0]
-    return res["history"], out
+    res, out = runs["uninterrupted"]
+    return ok(res)["history"], out
 
 
-def test_resume_is_exact(uninterrupted, tmp_path):
+def test_resume_is_exact(uninterrupted, runs):
     history, out = uninterrupted
     assert len(history) == STEPS and not any(m["actor/skipped"] for m in history)
     kept = [m["dynamic_sampling/keep_ratio"] for m in history]
@@ -118,21 +139,19 @@ def test_resume_is_exact(uninterrupted, tmp_path):
     assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step_2", "step_4"]
     assert (ckpt / "latest").read_text().strip() == "step_4"
 
-    copy_checkpoint(ckpt, 2, tmp_path / "ckpt")
-    res = run_ranks(run_worker, 1, ["checkpoint.resume=true"], str(tmp_path), timeout_s=300)[0]
+    res, tmp_path = runs["exact"]  # resumed from a copy of step_2 alone
+    res = ok(res)
     assert res["resumed_from"] == str(tmp_path / "ckpt" / "step_2") and res["step"] == STEPS
     assert deterministic(res["history"]) == deterministic(history[2:])
     # The resumed run saved its end, pointed `latest` at it and kept the newest 2 (default).
     assert (tmp_path / "ckpt" / "latest").read_text().strip() == "step_4"
 
 
-def test_resume_with_more_steps_continues_the_run(uninterrupted, tmp_path):
+def test_resume_with_more_steps_continues_the_run(runs):
     """Raising train.steps and resuming extends a finished run (the lr schedule follows the
     config; Megatron's scheduler would otherwise refuse the changed step count)."""
-    _, out = uninterrupted
-    copy_checkpoint(out / "ckpt", STEPS, tmp_path / "ckpt")
-    res = run_ranks(run_worker, 1, ["checkpoint.resume=true", f"train.steps={STEPS + 1}"],
-                    str(tmp_path), timeout_s=300)[0]
+    res, tmp_path = runs["more"]  # resumed from a copy of the last checkpoint alone
+    res = ok(res)
     assert res["resumed_from"] == str(tmp_path / "ckpt" / f"step_{STEPS}")
     assert res["step"] == STEPS + 1 and len(res["history"]) == 1
     assert not res["history"][0]["actor/skipped"]
@@ -260,10 +279,8 @@ def initial_weights_worker(ckpt: str, out: str) -> dict:
             "hf_same": all(torch.equal(a, b) for a, b in zip(from_ckpt, from_hf, strict=True))}
 
 
-def test_checkpoint_load_sets_initial_weights(uninterrupted, tmp_path):
-    _, out = uninterrupted
-    res = run_ranks(initial_weights_worker, 1, str(out / "ckpt" / "step_4"), str(tmp_path),
-                    timeout_s=300)[0]
+def test_checkpoint_load_sets_initial_weights(runs):
+    res = ok(runs["initial"][0])  # from the uninterrupted run's step_4
     assert res == {"changed": True, "hf_same": True}
 
 
