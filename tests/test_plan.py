@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 
 import pytest
+from rank_batches import ok, run_batch
 from torch.overrides import TorchFunctionMode
 
 from megatron_rl.actor.config import padded_vocab_size
@@ -76,17 +77,35 @@ def megatron_counts(path: str, overrides: list[str]) -> dict:
             "vocab": gpt.vocab_size, "kinds": kinds}
 
 
-@pytest.mark.parametrize(("path", "total_b", "active_b"), [
+PARAM_CASES = [
     (DSV3, 671.0, 37.5),   # DeepSeek-V3 report: 671B total, 37B activated
     (QWEN, 30.5, 3.35),    # Qwen3-30B-A3B model card: 30.5B total, 3.3B activated
-])
-def test_param_counts_equal_megatron_core(path, total_b, active_b):
+]
+
+
+def _short_kinds(path: str) -> list[int]:
+    """One layer of each kind of the config's model: [0, 1] or [1]."""
+    return sorted(set(moe_pattern(load_config(path, ONE_RANK, world_size=1).model)))
+
+
+@pytest.fixture(scope="module")
+def counted() -> dict:
+    """`megatron_counts` of every PARAM_CASES config, in turn in one 1-rank spawn:
+    {path: result}."""
+    paths = [path for path, _, _ in PARAM_CASES]
+    calls = [(megatron_counts, (path, [f"model.num_layers={len(_short_kinds(path))}",
+                                       f"model.moe_layer_freq={_short_kinds(path)}"]))
+             for path in paths]
+    return {path: res for path, (res,) in zip(paths, run_batch(1, calls, timeout_s=900),
+                                               strict=True)}
+
+
+@pytest.mark.parametrize(("path", "total_b", "active_b"), PARAM_CASES)
+def test_param_counts_equal_megatron_core(path, total_b, active_b, counted):
     m = load_config(path, ONE_RANK, world_size=1).model
     kinds = moe_pattern(m)
     short = sorted(set(kinds))  # one layer of each kind: [0, 1] or [1]
-    (mc,) = run_ranks(megatron_counts, 1, path, [f"model.num_layers={len(short)}",
-                                                 f"model.moe_layer_freq={short}"],
-                      timeout_s=600)
+    mc = ok(counted[path])
     assert mc["meta"] > 0  # the experts really were built on meta
     assert mc["kinds"] == short
     per_kind = dict(zip(short, mc["per_layer"], strict=True))
