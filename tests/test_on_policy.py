@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from megatron_rl.launch.spawn import run_ranks
+from rank_batches import ok, run_cases  # a module's workers in one spawn per world size
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny_moe_cpu.yaml")
 
@@ -57,10 +56,26 @@ def step_worker(out: str, separate_forward: bool, kl: float) -> dict:
     return {"metrics": metrics, "weights": weights, "forwards": forwards}
 
 
-@pytest.mark.parametrize(("world", "kl"), [(1, 0.0), (2, 0.05)], ids=["1rank", "dp2-kl"])
-def test_on_policy_update_runs_no_separate_forward(world, kl, tmp_path):
-    fast = run_ranks(step_worker, world, str(tmp_path / "fast"), False, kl, timeout_s=600)
-    slow = run_ranks(step_worker, world, str(tmp_path / "slow"), True, kl, timeout_s=600)
+CASES = {"1rank": (1, 0.0), "dp2-kl": (2, 0.05)}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """(without, with) the separate forward per case; one spawn per world size."""
+    cases, keys = [], []
+    for name, (world, kl) in CASES.items():
+        for separate in (False, True):
+            out = str(tmp_path_factory.mktemp(f"{name}-{separate}"))
+            cases.append((world, step_worker, (out, separate, kl)))
+            keys.append((name, separate))
+    return dict(zip(keys, run_cases(cases, timeout_s=900), strict=True))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_on_policy_update_runs_no_separate_forward(case, runs):
+    kl = CASES[case][1]
+    fast = [ok(r) for r in runs[case, False]]
+    slow = [ok(r) for r in runs[case, True]]
     for f, s in zip(fast, slow, strict=True):
         # the reference policy's pass is an actor forward with the reference weights
         assert f["forwards"] == {"actor": int(kl > 0), "reference": int(kl > 0)}

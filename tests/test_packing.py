@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from megatron_rl.launch.spawn import run_ranks
+from rank_batches import ok, run_cases  # a module's workers in one spawn per world size
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny_moe_cpu.yaml")
 SEQ, ROWS, BUDGET = 64, 12, 100
@@ -100,10 +99,18 @@ def parity_worker(overrides: list[str]) -> dict:
     return results
 
 
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """Every layout's parity run and the trainer run, one spawn per world size."""
+    names = list(LAYOUTS) + ["trainer"]
+    cases = [(LAYOUTS[n][0], parity_worker, (LAYOUTS[n][1],)) for n in LAYOUTS]
+    cases.append((1, trainer_worker, (str(tmp_path_factory.mktemp("trainer")),)))
+    return dict(zip(names, run_cases(cases, timeout_s=900), strict=True))
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_unpadded_micro_batches_match_padded(layout):
-    world, overrides = LAYOUTS[layout]
-    for rank in run_ranks(parity_worker, world, overrides, timeout_s=600):
+def test_unpadded_micro_batches_match_padded(layout, runs):
+    for rank in [ok(r) for r in runs[layout]]:
         padded = rank["padded"]
         assert all(s[1] == SEQ for s in padded["shapes"])
         for name in [v for v in rank if v != "padded"]:
@@ -156,8 +163,8 @@ def test_split_updates_deals_every_row_once_within_the_budget():
         assert max(tokens) - min(tokens) <= SEQ  # balanced to within one row
 
 
-def test_trainer_trains_on_budget_micro_batches(tmp_path):
-    res = run_ranks(trainer_worker, 1, str(tmp_path), timeout_s=600)[0]
+def test_trainer_trains_on_budget_micro_batches(runs):
+    res = ok(runs["trainer"][0])
     assert res["shapes"] and all(b * s <= 200 or b == 1 for b, s in res["shapes"])
     assert max(s for _, s in res["shapes"]) < 160  # cut to the rows, not actor.seq_length
     assert res["metrics"]["actor/skipped"] == 0.0
