@@ -214,7 +214,8 @@ class Trainer:
             self._sync_to = self._sync_engines()
         # rollout.async_generation (rank 0): the next step's samples, generating while this step
         # trains; `_ready` holds them once awaited (before the engines' weights change).
-        self._engine_version = 0  # steps whose updates the engines' weights hold
+        self._version = 0  # steps of this process whose update changed the actor's weights
+        self._engine_version = 0  # the `_version` of the weights the engines hold
         self._generation: concurrent.futures.Future | None = None
         self._ready: tuple[str, Any] | None = None
         self._generator = (concurrent.futures.ThreadPoolExecutor(1, "rollout")
@@ -382,6 +383,7 @@ class Trainer:
         routing = self.old_logprobs(updates)                  # ratio denominators (+ KL ref)
         result = self.update(updates)                         # one optimizer step each
         self._engine_stale |= result.updated                  # synced before the next rollout
+        self._version += int(result.updated)
         if self.on_policy:                                    # measured by the update itself
             routing = result.routing
         return self.log_metrics(samples, report, result, sync, updates, routing)
@@ -683,7 +685,7 @@ class Trainer:
             return dict(_NO_SYNC)
         report = self.weight_sync.sync(self._sync_to)
         self._engine_stale = False
-        self._engine_version = self.step
+        self._engine_version = self._version
         return {"seconds": report.seconds, "bytes": float(report.bytes)}
 
     # ---- metrics -------------------------------------------------------------------------------
@@ -735,8 +737,8 @@ class Trainer:
         hits = [is_correct(s.rewards.get(accuracy, s.reward), correct) for s in samples]
         columns = {n: [s.rewards.get(n, math.nan) for s in samples] for n in self.reward_names}
         lengths = [len(s.response_ids) for s in samples]
-        stale = [self.step - 1 - s.metadata.get("policy_version", self.step - 1)
-                 for s in samples]
+        trained = self._version - int(result.updated)  # the weights the update started from
+        stale = [trained - s.metadata.get("policy_version", trained) for s in samples]
         stats = result.stats
         trained = sum(min(len(s.prompt_ids) + len(s.response_ids) - 1,
                           self.cfg.actor.seq_length) for s in samples)  # rows' real tokens
