@@ -233,14 +233,12 @@ def _launch(source: str, stdin: str, limits: SandboxLimits, iso: Isolation,
         require_isolation(False)
     workdir = tempfile.mkdtemp(prefix="mrl-sandbox-", dir=_scratch_root)
     uid = (secrets.randbelow(UID_RANGE[1] - UID_RANGE[0]) + UID_RANGE[0]
-           if os.geteuid() == 0 else None)
+           if iso.mode == "root" else None)
     cgroup = proc = pidfd = None
     report_r = report_w = -1
     try:
         with open(os.path.join(workdir, "prog.py"), "w") as f:
             f.write(source)
-        if not iso.isolated:
-            os.chmod(workdir, 0o777 if uid is not None else 0o700)
         os.mkdir(os.path.join(workdir, "root"), 0o700)
         cgroup = _make_cgroup(iso.memory_cgroup, limits) if iso.isolated else None
         report_r, report_w = os.pipe()
@@ -302,14 +300,16 @@ def _launcher_config(workdir: str, limits: SandboxLimits, iso: Isolation, uid: i
     else:
         argv = [python, "-I", "prog.py"] if iso.isolated else [python, "-I", "-c",
                                                                 _NO_NET_BOOTSTRAP]
-    if iso.mode == "none":
-        nproc = limits.nproc if uid is not None else _own_process_count() + limits.nproc
+    if iso.mode == "none":  # RLIMIT_NPROC counts all of our uid's processes
+        nproc = _own_process_count() + limits.nproc
     else:
         nproc = limits.nproc if iso.memory_cgroup else 1
         nproc += iso.mode == "userns"  # the launcher counts in the user namespace too
     mib = 1 << 20
     return {
-        "caller_pid": os.getpid(), "mode": iso.mode, "uid": uid if iso.mode != "userns" else None,
+        # only as root does the program get a fresh uid: unsandboxed it keeps ours (without a
+        # mount namespace a fresh uid may not even reach the interpreter, pyenv under /root)
+        "caller_pid": os.getpid(), "mode": iso.mode, "uid": uid,
         "argv": argv, "program": os.path.join(workdir, "prog.py"),
         "root": os.path.join(workdir, "root"), "binds": sandbox_binds(),
         "hide": hidden_site_dirs(), "scratch_bytes": limits.scratch_mb * mib,
