@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_rl.actor.shared_prompts import SharedPrompts, pack_rows, response_window
 from megatron_rl.actor.step import MicroBatch
 from megatron_rl.algorithms import overlong_filter
 from megatron_rl.rollout.types import Sample
@@ -54,6 +55,9 @@ class RLBatch:
     """One advantage per row [B] (fp32)."""
     lengths: torch.Tensor | None = None
     """Real input positions of each row [B] (int64; the rest is padding); None = all of S."""
+    prompt_lengths: torch.Tensor | None = None
+    """Prompt tokens of each row [B] (int64), the first of its real positions; None = unknown
+    (prompts cannot be shared)."""
     routed_experts: torch.Tensor | None = None
     """Experts the engine chose for each input position [B, S, L, E] (int16: expert ids fit,
     and at scale this is the batch's largest tensor), or None. (Old and
@@ -137,13 +141,14 @@ def reward_matrix(samples: Sequence[Sample], names: Sequence[str]) -> torch.Tens
 def token_rows(samples: Sequence[Sample], seq_length: int, pad_id: int = 0
                ) -> dict[str, torch.Tensor]:
     """tokens / labels [B, S] (int64), loss_mask and rollout_logprobs [B, S] (fp32), and the
-    real positions per row, lengths [B].
+    real positions and prompt tokens per row, lengths and prompt_lengths [B].
 
     The mask is 1 where the position's label is a response token. A sample longer than
     `seq_length + 1` tokens is cut (its tail does not train).
     """
     b = len(samples)
     lengths = torch.zeros(b, dtype=torch.long)
+    prompt_lengths = torch.zeros(b, dtype=torch.long)
     tokens = torch.full((b, seq_length), pad_id, dtype=torch.long)
     labels = torch.full((b, seq_length), pad_id, dtype=torch.long)
     mask = torch.zeros(b, seq_length)
@@ -157,6 +162,7 @@ def token_rows(samples: Sequence[Sample], seq_length: int, pad_id: int = 0
         if n <= 0:
             continue
         lengths[i] = n
+        prompt_lengths[i] = min(len(s.prompt_ids), n)
         tokens[i, :n] = torch.tensor(seq[:-1])
         labels[i, :n] = torch.tensor(seq[1:])
         first = len(s.prompt_ids) - 1  # position predicting the first response token
@@ -166,7 +172,7 @@ def token_rows(samples: Sequence[Sample], seq_length: int, pad_id: int = 0
             rollout[i, first : first + resp] = torch.tensor(s.rollout_logprobs[:resp],
                                                             dtype=torch.float32)
     return {"tokens": tokens, "labels": labels, "loss_mask": mask, "rollout_logprobs": rollout,
-            "lengths": lengths}
+            "lengths": lengths, "prompt_lengths": prompt_lengths}
 
 
 def expert_rows(samples: Sequence[Sample], seq_length: int) -> torch.Tensor | None:
@@ -211,8 +217,8 @@ def build_batch(samples: Sequence[Sample], *, reward_names: Sequence[str],
 
 def split_updates(batch: RLBatch, *, updates: int, dp_size: int, dp_rank: int,
                   micro_batch_size: int, max_tokens: int | None = None, pad_multiple: int = 1,
-                  same_shape: bool = False, pad_to_seq_length: bool = False
-                  ) -> list[list[MicroBatch]]:
+                  same_shape: bool = False, pad_to_seq_length: bool = False,
+                  share_prompts: bool = False) -> list[list[MicroBatch]]:
     """The step's rows in `updates` contiguous mini-batches (one optimizer step each), and of
     each mini-batch this data-parallel rank's share as micro-batches.
 
@@ -228,10 +234,14 @@ def split_updates(batch: RLBatch, *, updates: int, dp_size: int, dp_rank: int,
     `max_tokens`: micro-batches by token budget (rows x longest row <= max_tokens; a longer
     row gets one of its own) instead of `micro_batch_size` rows, the mini-batch's rows dealt
     to the ranks longest first, each to the rank with the fewest tokens so far.
+    `share_prompts`: each micro-batch's model input feeds a group's prompt once
+    (`actor.shared_prompts`); under a token budget the unit dealt and counted is then a whole
+    group as one packed row (prompt + its responses), so a group is not split.
     """
     n = batch.size
     k = max(1, min(updates, n))  # a dynamic-sampling step may come up short
     lengths = batch.row_lengths()
+    sharing = share_prompts and batch.prompt_lengths is not None
     parts = []
     for start, end in itertools.pairwise([round(i * n / k) for i in range(k + 1)]):
         if max_tokens is None:
@@ -240,66 +250,110 @@ def split_updates(batch: RLBatch, *, updates: int, dp_size: int, dp_rank: int,
             live = order < end
             index = torch.where(live, order, torch.zeros_like(order))
             rows = batch.rows(index, live)
-            mbs = rows.micro_batches(micro_batch_size)
-            sizes = [min(micro_batch_size, rows.size - lo)
+            metas = [rows.rows(torch.arange(lo, min(lo + micro_batch_size, rows.size)))
                      for lo in range(0, rows.size, micro_batch_size)]
-            longest = _longest(rows.row_lengths(), sizes)
         else:
-            mbs, longest = _budget_micro_batches(batch, lengths, start, end, dp_size, dp_rank,
-                                                 max_tokens, pad_multiple)
+            metas = _budget_rows(batch, lengths, start, end, dp_size, dp_rank, max_tokens,
+                                 pad_multiple, by_group=sharing)
+        mbs = [m.micro_batches(m.size)[0] for m in metas]
+        longest = [int(m.row_lengths().max()) for m in metas]
         if not pad_to_seq_length:
             if same_shape:
                 longest = [max(longest)] * len(longest)
             mbs = [trim(mb, _round_up(m, pad_multiple)) for mb, m in zip(mbs, longest,
                                                                          strict=True)]
+        if sharing:
+            mbs = _shared(mbs, metas, pad_multiple, same_shape)
         parts.append(mbs)
     return parts
 
 
-def _longest(lengths: torch.Tensor, sizes: list[int]) -> list[int]:
-    """The longest row of each consecutive group of `sizes` rows."""
-    out, lo = [], 0
-    for size in sizes:
-        out.append(int(lengths[lo: lo + size].max()))
-        lo += size
-    return out
+def _shared(mbs: list[MicroBatch], metas: list[RLBatch], pad_multiple: int,
+            same_shape: bool) -> list[MicroBatch]:
+    """`mbs` with their packed model input (one shape for all with `same_shape`), their loss
+    tensors cut to each row's response window (`shared_prompts.response_window`)."""
+    def pack(mb: MicroBatch, meta: RLBatch, rows: int | None = None,
+             length: int | None = None) -> SharedPrompts:
+        return pack_rows(mb.tokens, meta.row_lengths(), meta.prompt_lengths, meta.group_ids,
+                         pad_multiple=pad_multiple, rows=rows, length=length)
+
+    packed = [pack(mb, meta) for mb, meta in zip(mbs, metas, strict=True)]
+    if same_shape:
+        rows = max(p.tokens.shape[0] for p in packed)
+        length = max(p.tokens.shape[1] for p in packed)
+        packed = [pack(mb, meta, rows, length) for mb, meta in zip(mbs, metas, strict=True)]
+    return [_windowed(mb, meta, p) for mb, meta, p in zip(mbs, metas, packed, strict=True)]
 
 
-def _budget_micro_batches(batch: RLBatch, lengths: torch.Tensor, start: int, end: int,
-                          dp_size: int, dp_rank: int, max_tokens: int, pad_multiple: int
-                          ) -> tuple[list[MicroBatch], list[int]]:
-    """This rank's micro-batches of rows [start, end) under a token budget, and the longest
-    row of each. Every rank computes every rank's plan (pure, same inputs), so all agree on
-    the micro-batch count."""
-    order = sorted(range(start, end), key=lambda i: (-int(lengths[i]), i))
+def _windowed(mb: MicroBatch, meta: RLBatch, shared: SharedPrompts) -> MicroBatch:
+    """`mb` (rows) as its response windows [b, w], fed through `shared`."""
+    cols, inside = response_window(meta.prompt_lengths, meta.row_lengths(), mb.tokens.shape[1])
+    r = torch.arange(cols.shape[0])[:, None]
+
+    def cut(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None or x.dim() < 2 else x[r, cols].contiguous()
+
+    shared = dataclasses.replace(
+        shared, target=shared.target[r, cols].contiguous(),
+        loss_mask=shared.packed_from_rows(mb.loss_mask) * shared.live,
+        experts=None if mb.routed_experts is None
+        else shared.packed_from_rows(mb.routed_experts))
+    advantages = mb.advantages if mb.advantages is None or mb.advantages.dim() == 1 \
+        else cut(mb.advantages)
+    return dataclasses.replace(
+        mb, tokens=cut(mb.tokens), labels=cut(mb.labels), loss_mask=cut(mb.loss_mask) * inside,
+        rollout_logprobs=cut(mb.rollout_logprobs), advantages=advantages,
+        routed_experts=None, shared=shared)
+
+
+def _budget_rows(batch: RLBatch, lengths: torch.Tensor, start: int, end: int,
+                 dp_size: int, dp_rank: int, max_tokens: int, pad_multiple: int,
+                 by_group: bool = False) -> list[RLBatch]:
+    """This rank's micro-batches (as rows) of rows [start, end) under a token budget. Every
+    rank computes every rank's plan (pure, same inputs), so all agree on the micro-batch count.
+    The unit dealt to ranks and packed into micro-batches is a row, or with `by_group` a
+    prompt group, whose tokens are its prompt once plus its responses (one packed row)."""
+    units: list[list[int]] = []
+    sizes: list[int] = []
+    if by_group:
+        members: dict[int, list[int]] = {}
+        for i in range(start, end):
+            members.setdefault(int(batch.group_ids[i]), []).append(i)
+        for rows in members.values():
+            prompt = int(batch.prompt_lengths[rows[0]])
+            units.append(rows)
+            sizes.append(prompt + sum(max(0, int(lengths[i]) - prompt) for i in rows))
+    else:
+        units = [[i] for i in range(start, end)]
+        sizes = [int(lengths[i]) for i in range(start, end)]
+    order = sorted(range(len(units)), key=lambda u: (-sizes[u], units[u][0]))
     shares: list[list[int]] = [[] for _ in range(dp_size)]
     tokens = [0] * dp_size
-    for i in order:  # longest first, to the rank with the fewest tokens so far
+    for u in order:  # longest first, to the rank with the fewest tokens so far
         r = min(range(dp_size), key=lambda r: (tokens[r], r))
-        shares[r].append(i)
-        tokens[r] += int(lengths[i])
+        shares[r].append(u)
+        tokens[r] += sizes[u]
 
-    def pack(rows: list[int]) -> list[list[int]]:
+    def pack(share: list[int]) -> list[list[int]]:
         groups: list[list[int]] = []
-        for i in rows:  # rows come longest first: a group's first row is its longest
-            cost = (len(groups[-1]) + 1) * _round_up(int(lengths[groups[-1][0]]), pad_multiple) \
+        for u in share:  # units come longest first: a group's first unit is its longest
+            cost = (len(groups[-1]) + 1) * _round_up(sizes[groups[-1][0]], pad_multiple) \
                 if groups else 0
             if groups and cost <= max_tokens:
-                groups[-1].append(i)
+                groups[-1].append(u)
             else:
-                groups.append([i])
+                groups.append([u])
         return groups
 
     plans = [pack(share) for share in shares]
     count = max(len(p) for p in plans)
     mine = plans[dp_rank]
-    mbs, longest = [], []
+    out = []
     for g in range(count):
         if g < len(mine):
-            index, live = torch.tensor(mine[g]), torch.ones(len(mine[g]), dtype=torch.bool)
+            rows = [i for u in mine[g] for i in units[u]]
+            index, live = torch.tensor(rows), torch.ones(len(rows), dtype=torch.bool)
         else:  # fewer micro-batches than another rank: one masked row keeps the count
             index, live = torch.tensor([start]), torch.zeros(1, dtype=torch.bool)
-        rows = batch.rows(index, live)
-        mbs.extend(rows.micro_batches(rows.size))
-        longest.append(int(rows.row_lengths().max()) if bool(live.any()) else 1)
-    return mbs, longest
+        out.append(batch.rows(index, live))
+    return out

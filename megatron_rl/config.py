@@ -276,6 +276,10 @@ def _check_lengths(cfg: RunConfig) -> None:
             "actor.max_tokens_per_micro_batch", "token-budget micro-batches change shape, and "
             f"a pipeline schedule (parallel.pp={cfg.parallel.pp}) needs one shape",
             "use actor.micro_batch_size (rows are still cut to the update's longest) or pp=1")
+    require(not (cfg.actor.share_prompts and cfg.model.multi_latent_attention),
+            "actor.share_prompts", "multi-latent attention applies its RoPE inside the "
+            "attention, which takes no per-token positions here",
+            "set actor.share_prompts=false for this model")
     if cfg.rollout.routing_replay:
         require(cfg.model.num_experts > 0, "rollout.routing_replay", "needs an MoE model",
                 "set model.num_experts > 0 or rollout.routing_replay=false")

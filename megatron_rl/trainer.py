@@ -569,7 +569,8 @@ class Trainer:
                              micro_batch_size=actor.micro_batch_size,
                              max_tokens=actor.max_tokens_per_micro_batch,
                              pad_multiple=par.tp if self.actor.config.sequence_parallel else 1,
-                             same_shape=par.pp > 1, pad_to_seq_length=actor.pad_to_seq_length)
+                             same_shape=par.pp > 1, pad_to_seq_length=actor.pad_to_seq_length,
+                             share_prompts=actor.share_prompts)
 
     @property
     def on_policy(self) -> bool:

@@ -1,5 +1,6 @@
-"""Micro-batches without padding (issue 18): rows cut to each micro-batch's longest row, and
-micro-batches by token budget, give the same loss and gradients as rows padded to
+"""Micro-batches without padding (issue 18): rows cut to each micro-batch's longest row,
+micro-batches by token budget, and shared prompts (a group's prompt fed once, its responses
+after it under an attention mask) give the same loss and gradients as rows padded to
 `actor.seq_length` (fp32 tolerance), at 1 rank, TP=2 with sequence parallelism, PP=2 (one shape
 per update), EP=2 and DP=2; the budget is kept and every DP rank runs as many micro-batches.
 
@@ -36,11 +37,13 @@ def _samples(vocab: int):
     g = torch.Generator().manual_seed(3)
     out = []
     for i in range(ROWS):
-        prompt = int(torch.randint(3, 12, (), generator=g))
-        response = int(torch.randint(2, SEQ - prompt - 8, (), generator=g))
-        ids = torch.randint(1, vocab, (prompt + response,), generator=g).tolist()
-        out.append(Sample(group=i // 4, prompt="", prompt_ids=ids[:prompt],
-                          response_ids=ids[prompt:],
+        if i % 4 == 0:  # a group of 4 samples of one prompt
+            prompt = torch.randint(1, vocab, (int(torch.randint(3, 12, (), generator=g)),),
+                                   generator=g).tolist()
+        response = int(torch.randint(2, SEQ - len(prompt) - 8, (), generator=g))
+        ids = prompt + torch.randint(1, vocab, (response,), generator=g).tolist()
+        out.append(Sample(group=i // 4, prompt="", prompt_ids=ids[:len(prompt)],
+                          response_ids=ids[len(prompt):],
                           rollout_logprobs=(-torch.rand(response, generator=g)).tolist(),
                           finish_reason="stop", rewards={"r": float(i % 3)}))
     return out
@@ -70,9 +73,11 @@ def parity_worker(overrides: list[str]) -> dict:
                         seq_length=SEQ, mask_truncated=False)
     pp = cfg.parallel.pp
     sp = bool(actor.config.sequence_parallel)
-    variants = {"padded": {"pad_to_seq_length": True}, "trimmed": {}}
+    variants = {"padded": {"pad_to_seq_length": True}, "trimmed": {},
+                "shared": {"share_prompts": True}}
     if pp == 1:
         variants["budget"] = {"max_tokens": BUDGET}
+        variants["shared_budget"] = {"max_tokens": 2 * BUDGET, "share_prompts": True}
     results = {}
     for name, kw in variants.items():
         (mbs,) = split_updates(batch, updates=1, dp_size=actor.dp_size, dp_rank=actor.dp_rank,
@@ -83,7 +88,7 @@ def parity_worker(overrides: list[str]) -> dict:
         for chunk in actor.model:
             chunk.train()
             chunk.zero_grad_buffer()
-        mb0 = mbs[0].tokens
+        mb0 = mbs[0].input_tokens
         stats = forward_backward(actor.model, mbs, fn, actor.shape(mb0.shape[1], mb0.shape[0]))
         grads = {n: p.main_grad.detach().clone() for chunk in actor.model
                  for n, p in chunk.named_parameters()}
@@ -92,7 +97,8 @@ def parity_worker(overrides: list[str]) -> dict:
         dist.all_reduce(top, op=dist.ReduceOp.MAX)
         results[name] = {
             "loss": stats["loss"], "tokens": stats["tokens"], "grads": grads,
-            "shapes": [tuple(mb.tokens.shape) for mb in mbs],
+            "shapes": [tuple(mb.input_tokens.shape) for mb in mbs],
+            "fed": sum(int(mb.input_tokens.numel()) for mb in mbs),
             "live_rows": [int((mb.loss_mask.sum(1) > 0).sum()) for mb in mbs],
             "same_count": int(top.item()) == len(mbs),
         }
@@ -127,11 +133,15 @@ def test_unpadded_micro_batches_match_padded(layout, runs):
                 assert all(s % 2 == 0 for _, s in got["shapes"])
             if layout == "pp2":
                 assert len({s for s in got["shapes"]}) == 1  # one shape per schedule
+        # a group's prompt once: fewer positions fed than one row per sample
+        assert rank["shared"]["fed"] < rank["trimmed"]["fed"]
         if "budget" in rank:
             for (b, s), live in zip(rank["budget"]["shapes"], rank["budget"]["live_rows"],
                                     strict=True):
                 assert b * s <= BUDGET or b == 1
                 assert live == b or (live == 0 and b == 1)  # only padding micro-batches
+            for b, s in rank["shared_budget"]["shapes"]:  # packed rows x their longest
+                assert b * s <= 2 * BUDGET or b == 1
 
 
 def test_split_updates_deals_every_row_once_within_the_budget():

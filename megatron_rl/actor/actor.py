@@ -169,7 +169,7 @@ class Actor:
         `measure_routing` the forward also measures the routing agreement (as
         `logprobs_and_routing` does), for a step that runs no separate forward."""
         self._require_onloaded("train_step")
-        mb0 = microbatches[0].tokens
+        mb0 = microbatches[0].input_tokens
         for chunk in self.model:
             chunk.train()
             chunk.zero_grad_buffer()
@@ -235,7 +235,7 @@ class Actor:
         self._require_onloaded("a forward")
         for chunk in self.model:
             chunk.eval()
-        mb0 = microbatches[0].tokens
+        mb0 = microbatches[0].input_tokens
         with replay.engine_routing(self, microbatches, self.replays_routing) as counts:
             logprobs = forward_logprobs(
                 self.model, microbatches, self.shape(mb0.shape[1], mb0.shape[0], temperature)

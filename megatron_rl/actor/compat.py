@@ -135,6 +135,9 @@ def fusion_settings(actor: ActorConfig, model: ModelConfig, device: Device) -> d
         # Megatron: MLA's RoPE fusion is a Triton kernel for YaRN only, and "experimental".
         rope_ok = cuda and device.mla_rope and model.rope_scaling == "yarn"
         rope = (rope_ok, False, "CUDA, Triton and model.rope_scaling=yarn (MLA)")
+    elif actor.share_prompts:  # per-token RoPE positions: the unfused path takes [s, b, 1, d]
+        rope = (False, False, "actor.share_prompts=false (shared prompts need the unfused "
+                "RoPE)")
     else:
         rope_ok = te and device.te_rope
         rope = (rope_ok, rope_ok, "CUDA and Transformer Engine >= 1.4 (fused RoPE)")

@@ -294,6 +294,14 @@ class ActorConfig:
     pad_to_seq_length: bool = False
     """Keep every row at `seq_length` tokens (the fixed shape: for comparisons and fixed-shape
     kernels). Off: each micro-batch is cut to its longest row, so padding costs nothing."""
+    share_prompts: bool = False
+    """Feed each prompt group's prompt once per micro-batch: one packed row holds the prompt
+    and then the group's responses, each seeing the prompt and itself only (an attention mask,
+    RoPE positions continuing from the prompt). Same loss and gradients as one row per sample
+    (the MoE load-balancing loss then counts a prompt's tokens once); with G samples per prompt
+    it feeds P + G*R tokens instead of G*(P + R). Attention runs in torch SDPA with a mask (also
+    under Transformer Engine, whose fused attention takes no such mask), RoPE unfused; not with
+    multi-latent attention. docs/design.md "Shared prompts"."""
     recompute: Literal["none", "selective", "full"] = "none"
     """Activation recomputation granularity."""
     optimizer_cpu_offload: bool = False

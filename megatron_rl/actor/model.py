@@ -17,6 +17,7 @@ from megatron.core.transformer.transformer_config import MLATransformerConfig, T
 
 from megatron_rl.actor import compat
 from megatron_rl.actor.config import ActorConfig, ModelConfig, ParallelConfig, padded_vocab_size
+from megatron_rl.actor.shared_prompts import enable_row_positions
 from megatron_rl.actor.spec import decoder_block_spec
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -140,14 +141,17 @@ def transformer_config(
 
 
 def build_gpt(
-    config: TransformerConfig, model: ModelConfig, vp_stage: int | None = None
+    config: TransformerConfig, model: ModelConfig, vp_stage: int | None = None,
+    share_prompts: bool = False,
 ) -> GPTModel:
-    """One (virtual) pipeline stage of the GPT model, unwrapped."""
+    """One (virtual) pipeline stage of the GPT model, unwrapped (`share_prompts`: attention
+    that takes a mask, see `spec.decoder_block_spec`)."""
     pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-    return GPTModel(
+    gpt = GPTModel(
         config=config,
-        transformer_layer_spec=decoder_block_spec(config, vp_stage=vp_stage),
+        transformer_layer_spec=decoder_block_spec(config, vp_stage=vp_stage,
+                                                  masked_attention=share_prompts),
         vocab_size=padded_vocab_size(model.vocab_size, config.tensor_model_parallel_size),
         max_sequence_length=model.max_position_embeddings,
         pre_process=pre,
@@ -159,6 +163,8 @@ def build_gpt(
         else model.rotary_base,
         vp_stage=vp_stage,
     )
+    enable_row_positions(gpt)  # inert unless a micro-batch shares prompts
+    return gpt
 
 
 def build_model(
@@ -170,7 +176,8 @@ def build_model(
     stages = parallel.virtual_pp or 1
     chunks = []
     for vp in range(stages):
-        gpt = build_gpt(config, model, vp_stage=vp if parallel.virtual_pp else None)
+        gpt = build_gpt(config, model, vp_stage=vp if parallel.virtual_pp else None,
+                        share_prompts=actor.share_prompts)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=False,

@@ -150,12 +150,13 @@ def engine_routing(actor: Any, microbatches: Sequence[Any], replay: bool
     engine experts."""
     counts = torch.zeros(2, dtype=torch.float64)
     routers = moe_routers(actor)
-    if not routers or any(mb.routed_experts is None for mb in microbatches):
+    if not routers or any(mb.input_experts() is None for mb in microbatches):
         yield counts
         return
     sp = bool(actor.config.sequence_parallel)
-    targets = [to_router_order(mb.routed_experts, sp).long() for mb in microbatches]  # [N, L, K]
-    masks = [to_router_order(mb.loss_mask, sp) != 0 for mb in microbatches]  # [N]
+    # in the layout the model is fed (a shared prompt's positions once)
+    targets = [to_router_order(mb.input_experts(), sp).long() for mb in microbatches]  # [N, L, K]
+    masks = [to_router_order(mb.input_loss_mask(), sp) != 0 for mb in microbatches]  # [N]
     matches: list[torch.Tensor] = []
     action = RouterReplayAction.REPLAY_FORWARD if replay else RouterReplayAction.RECORD
     handles = []

@@ -6,6 +6,8 @@ portable spec built from Megatron-Core's local modules plus `layers.RMSNorm` and
 
 from __future__ import annotations
 
+import dataclasses
+
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
@@ -115,19 +117,23 @@ def moe_layer_pattern(config: TransformerConfig) -> list[int]:
 
 
 def decoder_block_spec(
-    config: TransformerConfig, use_te: bool | None = None, vp_stage: int | None = None
+    config: TransformerConfig, use_te: bool | None = None, vp_stage: int | None = None,
+    masked_attention: bool = False,
 ) -> TransformerBlockSubmodules:
     """The layers this pipeline stage (and virtual stage) builds: TE's or the portable ones, as
-    `config.transformer_impl` says unless `use_te` overrides it."""
+    `config.transformer_impl` says unless `use_te` overrides it. `masked_attention`
+    (`actor.share_prompts`): the core attention takes an arbitrary mask, so under TE it is our
+    SDPA core attention (torch's memory-efficient kernel on CUDA) inside TE's layers."""
     if use_te is None:
         use_te = config.transformer_impl == "transformer_engine"
     if use_te:
         # the TE layer specs: imported only when Transformer Engine builds the layers
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
-        return get_gpt_decoder_block_spec(
+        block = get_gpt_decoder_block_spec(
             config, use_transformer_engine=True, normalization="RMSNorm", vp_stage=vp_stage
         )
+        return with_core_attention(block, SDPACoreAttention) if masked_attention else block
     pattern = moe_layer_pattern(config)
     specs = {m: portable_layer_spec(config, moe=bool(m)) for m in set(pattern)}
     layers = [specs[m] for m in pattern]
@@ -136,3 +142,16 @@ def decoder_block_spec(
     return TransformerBlockSubmodules(
         layer_specs=layers[offset : offset + count], layer_norm=RMSNorm
     )
+
+
+def with_core_attention(block: TransformerBlockSubmodules, cls: type) -> TransformerBlockSubmodules:
+    """`block` with every layer's self-attention core replaced by `cls` (copies, the given
+    specs untouched)."""
+    layers = []
+    for layer in block.layer_specs:
+        attn = layer.submodules.self_attention
+        attn = dataclasses.replace(attn, submodules=dataclasses.replace(
+            attn.submodules, core_attention=cls))
+        layers.append(dataclasses.replace(layer, submodules=dataclasses.replace(
+            layer.submodules, self_attention=attn)))
+    return dataclasses.replace(block, layer_specs=layers)

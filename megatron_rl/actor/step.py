@@ -21,6 +21,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_rl.actor.logprobs import token_logprobs, token_logprobs_and_entropy
+from megatron_rl.actor.shared_prompts import SharedPrompts, row_positions
 
 
 @dataclass(eq=False)
@@ -48,12 +49,32 @@ class MicroBatch:
     routed_experts: torch.Tensor | None = None
     """Experts the engine chose per position [b, s, L, E] (L = MoE layers of the whole model):
     replayed by the routers when routing replay is on, compared with theirs otherwise."""
+    shared: SharedPrompts | None = None
+    """The model input with each group's prompt once (`actor.share_prompts`), or None: the
+    rows themselves are the input. With it the [b, s] fields above hold each row's response
+    window (from its last prompt position, `shared_prompts.response_window`), and the engine's
+    experts are in `shared.experts`."""
 
     def positions(self) -> torch.Tensor:
         if self.position_ids is not None:
             return self.position_ids
         b, s = self.tokens.shape
         return torch.arange(s, device=self.tokens.device).expand(b, s)
+
+    @property
+    def input_tokens(self) -> torch.Tensor:
+        """What the model is fed [b, s] (or the packed [g, t])."""
+        return self.tokens if self.shared is None else self.shared.tokens
+
+    def input_experts(self) -> torch.Tensor | None:
+        """The engine's experts in the layout the model is fed."""
+        return self.routed_experts if self.shared is None else self.shared.experts
+
+    def input_loss_mask(self) -> torch.Tensor:
+        """`loss_mask` in the layout the model is fed (a shared prompt position once)."""
+        if self.shared is None or self.shared.loss_mask is None:
+            return self.loss_mask
+        return self.shared.loss_mask
 
 
 LossFn = Callable[[torch.Tensor, MicroBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -93,10 +114,17 @@ def _forward_step(
     model: torch.nn.Module,
 ):
     mb = next(data_iterator)
-    output = model(mb.tokens, mb.positions(), None)
+    shared = mb.shared
+    if shared is None:
+        output = model(mb.tokens, mb.positions(), None)
+    else:
+        with row_positions(model, shared.positions):
+            output = model(shared.tokens, shared.positions, shared.attention_mask)
 
     def loss_func(logits_bsv: torch.Tensor):
         batch = mb
+        if shared is not None:  # the packed logits, back in the rows' layout
+            logits_bsv = shared.rows_from_packed(logits_bsv)
         if getattr(loss_fn, "needs_entropy", False):  # entropy bonus: one pass gives both
             logprobs, entropy = token_logprobs_and_entropy(
                 logits_bsv, mb.labels, shape.vocab_size, shape.temperature,
