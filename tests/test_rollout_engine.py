@@ -91,6 +91,48 @@ def test_logprobs_and_experts_match_teacher_forcing(engine, temperature, top_p, 
     assert outs[0][0].output_ids != outs[0][1].output_ids
 
 
+def test_rows_stopping_at_different_steps_keep_their_logprobs_and_experts(engine, monkeypatch):
+    """Rows that finish early leave the decode batch (and its KV cache); the ones still running
+    must see exactly their own history: log-probs and experts equal teacher forcing."""
+    from transformers import DynamicCache
+
+    select = DynamicCache.batch_select_indices
+    calls = []
+    monkeypatch.setattr(DynamicCache, "batch_select_indices",
+                        lambda self, index: calls.append(len(index)) or select(self, index))
+    vocab = engine.model.config.vocab_size
+    sp = SamplingParams(max_new_tokens=16, n=4, seed=5,
+                        stop_token_ids=list(range(1, vocab, 9)))  # ~11% of tokens stop a row
+    outs = engine.generate(input_ids=PROMPTS, sampling_params=sp, return_routed_experts=True)
+    lengths = [len(o.output_ids) for g in outs for o in g]
+    assert len(set(lengths)) > 3 and min(lengths) < 8  # rows did stop at different steps
+    assert calls  # and the batch shrank
+    for prompt, group in zip(PROMPTS, outs, strict=True):
+        for o in group:
+            want_lp, want_ex = _teacher(engine.model, prompt, o.output_ids, 1.0)
+            torch.testing.assert_close(torch.tensor(o.output_logprobs), want_lp,
+                                       rtol=1e-5, atol=1e-5)
+            assert o.routed_experts.shape == (len(prompt) + len(o.output_ids), 2, 2)
+            assert torch.equal(o.routed_experts.sort(-1).values, want_ex.sort(-1).values)
+            stopped = o.output_ids[-1] in sp.stop_token_ids
+            assert o.finish_reason == ("stop" if stopped else "length")
+
+
+def test_draw_samples_the_given_distribution():
+    """The inverse-CDF draw against the probabilities it is given (unnormalised, with zeros):
+    frequencies within 4 standard errors, and a zero-probability token never drawn."""
+    from megatron_rl.rollout.transformers_engine import draw
+
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.2, 0.3, 0.0]) * 3.0  # unnormalised
+    n = 200_000
+    tokens = draw(probs.expand(n, -1), torch.Generator().manual_seed(0))
+    freq = torch.bincount(tokens, minlength=6).double() / n
+    p = probs.double() / probs.sum()
+    assert freq[p == 0].sum() == 0
+    se = (p * (1 - p) / n).sqrt()
+    assert ((freq - p).abs() <= 4 * se + 1e-12).all(), (freq, p)
+
+
 def test_seed_determinism_and_top_k(engine):
     sp = SamplingParams(max_new_tokens=8, n=3, seed=11, top_k=3)
     a = engine.generate(input_ids=PROMPTS, sampling_params=sp)

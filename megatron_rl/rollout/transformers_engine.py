@@ -51,6 +51,15 @@ def _truncate(logits_BV: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor
     return logits_BV
 
 
+def draw(probs_BV: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row [B] from the (unnormalised) probabilities [B, V]: a uniform draw per
+    row through the inverse CDF. The first entry whose cdf exceeds the draw (searchsorted's
+    right side), so a zero-probability token, a flat step of the cdf, is never drawn."""
+    cdf = probs_BV.cumsum(-1)
+    u = torch.rand(cdf.shape[0], 1, generator=gen, dtype=cdf.dtype) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True)[:, 0].clamp_(max=cdf.shape[-1] - 1)
+
+
 MEMORY_TAGS = ("weights", "kv_cache")
 """SGLang's memory tags (`release_memory_occupation(tags=...)`)."""
 
@@ -259,11 +268,7 @@ class TransformersEngine:
         logp_BV = scaled.log_softmax(-1)
         truncated = (sp.top_k != -1 and sp.top_k < logits_BV.shape[-1]) or sp.top_p < 1.0
         probs = _truncate(scaled, sp.top_k, sp.top_p).softmax(-1) if truncated else logp_BV.exp()
-        cdf = probs.cumsum(-1)
-        u = torch.rand(cdf.shape[0], 1, generator=gen, dtype=cdf.dtype) * cdf[:, -1:]
-        # side right: the first entry whose cdf exceeds u, so a zero-probability token (a flat
-        # step of the cdf) is never drawn
-        tokens = torch.searchsorted(cdf, u, right=True)[:, 0].clamp_(max=cdf.shape[-1] - 1)
+        tokens = draw(probs, gen)
         token_logp = logp_BV.gather(1, tokens[:, None])[:, 0].tolist()
         for r, (i, tok) in enumerate(zip(live, tokens.tolist(), strict=True)):
             if st.finish[i] is not None:
