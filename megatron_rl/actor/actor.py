@@ -306,10 +306,12 @@ class Actor:
         return load_hf([c.module for c in self.model], arch, self.model_cfg, str(path), padded,
                        progress=progress)
 
-    def save_hf(self, out_dir: str | os.PathLike, arch: Arch) -> str:
-        """Write the weights as a Hugging Face checkpoint (config.json + safetensors)."""
+    def save_hf(self, out_dir: str | os.PathLike, arch: Arch, **kwargs: Any) -> str:
+        """Write the weights as a Hugging Face checkpoint (config.json + safetensors; `kwargs`:
+        `export.save_hf`'s dtype, config, extra files and overwrite)."""
         self._require_onloaded("weights")
-        return str(save_hf([c.module for c in self.model], arch, self.model_cfg, out_dir))
+        return str(save_hf([c.module for c in self.model], arch, self.model_cfg, out_dir,
+                           **kwargs))
 
     def hf_buckets(self, arch: Arch, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
         """This stage's weights as HF-named tensors in buckets (collective; weight sync)."""
@@ -326,11 +328,13 @@ class Actor:
             "arch": self.arch.name if self.arch else None,
         }
 
-    def save(self, root: str | os.PathLike, name: str, with_optimizer: bool = True) -> str:
-        """Write a checkpoint `<root>/<name>` atomically; returns its path."""
+    def save(self, root: str | os.PathLike, name: str, with_optimizer: bool = True,
+             info: dict | None = None, latest: bool = True) -> str:
+        """Write a checkpoint `<root>/<name>` atomically (`info`: extra entries for its
+        megatron_rl.json; `latest`: point `<root>/latest` at it); returns its path."""
         state = self.sharded_state_dict(with_optimizer)
-        info = self._layout_info(with_optimizer)
-        return str(checkpoint.save_sharded(state, root, name, info))
+        info = self._layout_info(with_optimizer) | (info or {})
+        return str(checkpoint.save_sharded(state, root, name, info, latest=latest))
 
     def _check_optimizer_compatible(self, path: str | os.PathLike) -> None:
         """Model weights re-shard across any layout; optimizer state only where Megatron can.

@@ -36,11 +36,14 @@ def _rank() -> int:
 
 
 def save_sharded(
-    state: dict[str, Any], root: str | os.PathLike, name: str, info: dict | None = None
+    state: dict[str, Any], root: str | os.PathLike, name: str, info: dict | None = None,
+    latest: bool = True,
 ) -> Path:
     """Save a sharded state dict as `<root>/<name>` atomically; returns the final path.
 
-    `info` (JSON) is stored beside the tensors and read back by `read_info`.
+    `info` (JSON) is stored beside the tensors and read back by `read_info`. `latest`: point
+    `<root>/latest` at it (a training run's checkpoint root); a conversion writes a standalone
+    directory and touches nothing beside it.
     """
     root = Path(root)
     final, tmp = root / name, root / f".tmp-{name}"
@@ -56,9 +59,10 @@ def save_sharded(
         if final.exists():  # moved out whole first: a crash never leaves it half-deleted
             delete_aside(final)
         os.replace(tmp, final)
-        latest_tmp = root / f".{LATEST}.tmp"
-        latest_tmp.write_text(name + "\n")
-        os.replace(latest_tmp, root / LATEST)
+        if latest:
+            latest_tmp = root / f".{LATEST}.tmp"
+            latest_tmp.write_text(name + "\n")
+            os.replace(latest_tmp, root / LATEST)
     _barrier()
     return final
 

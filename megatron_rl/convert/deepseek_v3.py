@@ -30,6 +30,9 @@ def _model_config(hf: dict[str, Any]) -> dict[str, Any]:
     require_hf(hf, "topk_method", ("noaux_tc",), "deepseek_v3")
     require_hf(hf, "rope_interleave", (True,), "deepseek_v3")
     require_hf(hf, "attention_bias", (False,), "deepseek_v3")
+    # Megatron's sigmoid router always renormalises the top-k scores (k > 1); a model trained
+    # without (norm_topk_prob false) would silently compute something else: refused by name
+    require_hf(hf, "norm_topk_prob", (True,), "deepseek_v3")
     topk, groups, group_topk = hf["num_experts_per_tok"], hf.get("n_group"), hf.get("topk_group")
     if groups and groups > 1 and topk != 2 * group_topk:
         raise ValueError(f"deepseek_v3: num_experts_per_tok={topk} with topk_group={group_topk}: "
@@ -177,4 +180,7 @@ ARCH = Arch(
     hf_config=_hf_config,
     rules=_rules,
     ignored_hf=(r".*rotary_emb\.inv_freq$",),
+    # The released checkpoints hold num_nextn_predict_layers MTP layers after the last one; the
+    # policy does not use them (Megatron's MTP training is not wired): skipped, and said so.
+    trailing_layers_skipped="multi-token-prediction (MTP) layers",
 )

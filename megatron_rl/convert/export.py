@@ -19,6 +19,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from safetensors.torch import save_file
 
+from megatron_rl.atomic import delete_aside
 from megatron_rl.convert import te_names
 from megatron_rl.convert.load import Target, targets
 from megatron_rl.convert.maps import TIED_OUTPUT, Arch
@@ -128,14 +129,30 @@ def is_stage_writer() -> bool:
             and ps.get_context_parallel_rank() == 0)
 
 
+def _nonempty(path: Path) -> bool:
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+
+
 def save_hf(chunks: list[torch.nn.Module], arch: Arch, model_cfg, out_dir: str | os.PathLike,
-            shard_bytes: int = 2 * 2**30) -> Path:
-    """Write config.json, model-XXXXX-of-YYYYY.safetensors and the index (collective)."""
+            shard_bytes: int = 2 * 2**30, *, dtype: torch.dtype | None = None,
+            config: dict | None = None, extra_files: Iterable[Path] = (),
+            overwrite: bool = False) -> Path:
+    """Write config.json, model-XXXXX-of-YYYYY.safetensors and the index (collective).
+
+    Everything is written into a hidden sibling (`.<name>.partial`) and renamed into place at
+    the end. An existing non-empty `out_dir` is refused unless `overwrite`, and then replaced
+    only once the new checkpoint is complete. `dtype`: the tensors' dtype on disk (default:
+    the parameters'); `config`: the config.json to write (default: the architecture's, from the
+    model config); `extra_files`: copied beside it (tokenizer files, generation_config.json)."""
     out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
+    if _nonempty(out) and not overwrite:  # every rank sees the same filesystem: all raise
+        raise FileExistsError(f"{out}: the destination exists and is not empty; pass "
+                              "--overwrite to replace it, or choose a new directory "
+                              "(nothing was written)")
+    tmp = out.parent / f".{out.name}.partial"
     rank = dist.get_rank()
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # our own leftover of a crashed export
         tmp.mkdir(parents=True)
     dist.barrier()
     stage = ps.get_pipeline_model_parallel_rank()
@@ -143,20 +160,23 @@ def save_hf(chunks: list[torch.nn.Module], arch: Arch, model_cfg, out_dir: str |
     for i, bucket in enumerate(iter_hf_buckets(chunks, arch, model_cfg, shard_bytes)):
         if is_stage_writer():
             name = f"part-{stage:05d}-{i:05d}.safetensors"
-            save_file({n: t.contiguous() for n, t in bucket}, str(tmp / name),
-                      metadata={"format": "pt"})
+            save_file({n: (t if dtype is None else t.to(dtype)).contiguous() for n, t in bucket},
+                      str(tmp / name), metadata={"format": "pt"})
             files.append((name, [n for n, _ in bucket]))
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, files)
     if rank == 0:
-        _finish(tmp, out, sorted(f for part in gathered for f in part), arch, model_cfg)
+        for extra in extra_files:
+            shutil.copy2(extra, tmp / Path(extra).name)
+        _finish(tmp, out, sorted(f for part in gathered for f in part),
+                config if config is not None else arch.hf_config(model_cfg))
     dist.barrier()
     return out
 
 
-def _finish(tmp: Path, out: Path, files: list[tuple[str, list[str]]], arch: Arch,
-            model_cfg) -> None:
-    """Rename parts to HF's names, write the index and config, move into place atomically."""
+def _finish(tmp: Path, out: Path, files: list[tuple[str, list[str]]], config: dict) -> None:
+    """Rename parts to HF's names, write the index and config, move into place atomically (an
+    existing destination, allowed by the caller, is moved aside whole first)."""
     weight_map, total = {}, 0
     for i, (part, names) in enumerate(files):
         final = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
@@ -165,7 +185,9 @@ def _finish(tmp: Path, out: Path, files: list[tuple[str, list[str]]], arch: Arch
         weight_map.update({n: final for n in names})
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (tmp / INDEX).write_text(json.dumps(index, indent=2))
-    (tmp / "config.json").write_text(json.dumps(arch.hf_config(model_cfg), indent=2))
-    if out.exists():
-        shutil.rmtree(out)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    if out.is_file():
+        out.unlink()
+    elif out.exists():
+        delete_aside(out)
     os.replace(tmp, out)

@@ -153,18 +153,32 @@ def _read_qkv(reader: SafetensorsReader, names: list[str], shard: Shard, m) -> t
     return torch.cat(parts)
 
 
-def _check_extras(reader: SafetensorsReader, arch: Arch) -> None:
-    """Every checkpoint tensor must be used by some rank (or be known to be unused)."""
+def _check_extras(reader: SafetensorsReader, arch: Arch, num_layers: int) -> None:
+    """Every checkpoint tensor must be used by some rank (or be known to be unused); layers
+    past the model's last are skipped where the architecture says what they are (saying so on
+    rank 0), an error otherwise."""
     used = [reader.used] if not dist.is_initialized() else [None] * dist.get_world_size()
     if dist.is_initialized():
         dist.all_gather_object(used, reader.used)
     seen = set().union(*used)
     extra = sorted(n for n in reader.names() - seen
                    if not any(re.match(p, n) for p in arch.ignored_hf))
+    trailing = [n for n in extra if (m := _HF_LAYER.match(n)) and int(m.group(1)) >= num_layers]
+    if trailing and arch.trailing_layers_skipped:
+        layers = sorted({int(_HF_LAYER.match(n).group(1)) for n in trailing})
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"[convert] skipped {len(trailing)} tensors of {len(layers)} "
+                  f"{arch.trailing_layers_skipped} (model.layers.{layers[0]}"
+                  f"{'-' + str(layers[-1]) if len(layers) > 1 else ''}.*): not converted, so "
+                  "not in the checkpoint written", file=sys.stderr, flush=True)
+        extra = [n for n in extra if n not in set(trailing)]
     if extra:
         more = f" (and {len(extra) - 10} more)" if len(extra) > 10 else ""
         raise CheckpointError(f"{reader.path}: tensors with no Megatron counterpart: "
                               f"{extra[:10]}{more}; is the model config the checkpoint's?")
+
+
+_HF_LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
 @torch.no_grad()
@@ -188,13 +202,17 @@ def load_hf(chunks: list[torch.nn.Module], arch: Arch, model_cfg, path: str,
         t.param.copy_(local.to(t.param.dtype))
         if progress and (i + 1) % max(1, len(todo) // 10) == 0:
             _progress(i + 1, len(todo), reader.bytes_read, start)
-    _check_extras(reader, arch)
+    _check_extras(reader, arch, model_cfg.num_layers)
     return {"bytes_read": float(reader.bytes_read), "seconds": time.perf_counter() - start}
 
 
 def _progress(done: int, total: int, nbytes: int, start: float) -> None:
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
-        print(f"\r[convert] rank 0: {done}/{total} tensors, {nbytes / 2**20:.1f} MiB read, "
-              f"{time.perf_counter() - start:.1f}s", end="" if done < total else "\n",
+        # one line per tenth: readable in a log file, where carriage returns garble
+        seconds = time.perf_counter() - start
+        rate = nbytes / 2**30 / seconds if seconds > 0 else 0.0
+        eta = seconds * (total - done) / done if done else 0.0
+        print(f"[convert] rank 0: {done}/{total} tensors ({100 * done // total}%), "
+              f"{nbytes / 2**20:.1f} MiB read, {rate:.2f} GB/s, {seconds:.1f}s, ETA {eta:.0f}s",
               file=sys.stderr, flush=True)

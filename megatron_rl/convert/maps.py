@@ -55,6 +55,9 @@ class Arch:
     """ModelConfig -> {Megatron name template: Rule}."""
     ignored_hf: tuple[str, ...] = field(default=())
     """Regexes of HF tensors that have no Megatron counterpart (e.g. rotary inv_freq)."""
+    trailing_layers_skipped: str | None = None
+    """What HF layers past `num_hidden_layers` are when a checkpoint has them (DeepSeek-V3's
+    multi-token-prediction layers), to skip them saying so; None: they are an error."""
 
 
 _LAYER = re.compile(r"(decoder\.layers\.)(\d+)(\.)")
