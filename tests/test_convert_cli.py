@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
+from test_convert import _tensors  # every tensor of an HF checkpoint dir
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -36,14 +36,6 @@ def _cli(*args: str, nproc: int = 1) -> subprocess.CompletedProcess:
                f"--nproc-per-node={nproc}", "-m", "megatron_rl", "convert", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
-
-
-def _tensors(path: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for file in sorted(path.glob("*.safetensors")):
-        with safe_open(file, "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -1,21 +1,32 @@
 """Read Hugging Face safetensors checkpoints by slices, so a rank reads only what it owns.
 
 Handles a single `model.safetensors` and sharded checkpoints with `model.safetensors.index.json`.
-Every read goes through `safetensors.safe_open(...).get_slice`, which maps only the requested
-rows/columns from disk.
+Each file's header is parsed (and checked against the file's size) by `validate.read_header`;
+a read is one positioned `readinto` of the requested rows (a column slice reads the rows, then
+keeps its columns) into a buffer that becomes the tensor. No file is memory-mapped: mapped
+pages a rank touched would stay in its resident memory for the whole load (a rank converting
+its share of a 671B model would hold its share twice), while a read buffer lives as long as the
+one tensor being copied.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+
+from megatron_rl.convert.validate import read_header
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+          "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+          "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+          "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+"""safetensors dtype names -> torch."""
 
 
 class CheckpointError(ValueError):
@@ -23,48 +34,70 @@ class CheckpointError(ValueError):
 
 
 class SafetensorsReader:
-    """Lazy, sliced access to the tensors of an HF checkpoint directory."""
+    """Sliced access to the tensors of an HF checkpoint directory (positioned reads)."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
+        self._headers: dict[str, tuple[int, dict]] = {}
         if not self.path.is_dir():
             raise CheckpointError(f"{self.path}: no such checkpoint directory")
         if (self.path / INDEX).is_file():
             weight_map = json.loads((self.path / INDEX).read_text())["weight_map"]
         elif (self.path / SINGLE).is_file():
-            with safe_open(self.path / SINGLE, "pt") as f:
-                weight_map = {k: SINGLE for k in f.keys()}
+            weight_map = {k: SINGLE for k in self._header(SINGLE)[1] if k != "__metadata__"}
         else:
             raise CheckpointError(f"{self.path}: neither {INDEX} nor {SINGLE} found")
         self.weight_map: dict[str, str] = weight_map
-        self._files: dict[str, object] = {}
         self.used: set[str] = set()
         self.bytes_read = 0
+        """Bytes read from disk (a column slice reads its whole rows)."""
+
+    def _header(self, file: str) -> tuple[int, dict]:
+        """(offset of the file's data, its header), parsed once."""
+        if file not in self._headers:
+            try:
+                self._headers[file] = read_header(self.path / file)
+            except (OSError, ValueError) as err:
+                raise CheckpointError(str(err)) from None
+        return self._headers[file]
 
     def names(self) -> set[str]:
         """All tensor names of the checkpoint."""
         return set(self.weight_map)
 
-    def _slice(self, name: str):
+    def _entry(self, name: str) -> tuple[str, int, dict]:
         if name not in self.weight_map:
             raise CheckpointError(f"{self.path}: tensor {name!r} is missing from the checkpoint")
         file = self.weight_map[name]
-        if file not in self._files:
-            self._files[file] = safe_open(self.path / file, "pt")
+        start, header = self._header(file)
+        if name not in header:
+            raise CheckpointError(f"{self.path / file}: does not hold {name!r}, which the index "
+                                  "maps to it")
         self.used.add(name)
-        return self._files[file].get_slice(name)
+        return file, start, header[name]
 
     def shape(self, name: str) -> tuple[int, ...]:
         """Shape of a tensor without reading it."""
-        return tuple(self._slice(name).get_shape())
+        return tuple(self._entry(name)[2]["shape"])
 
     def read(self, name: str, rows: tuple[int, int] | None = None,
              cols: tuple[int, int] | None = None) -> torch.Tensor:
         """The tensor, or only rows [a, b) (dim 0) and/or columns [c, d) (dim 1) of it."""
-        sl = self._slice(name)
-        index = (slice(*rows) if rows else slice(None),)
+        file, start, entry = self._entry(name)
+        dtype, shape = DTYPES[entry["dtype"]], list(entry["shape"])
+        lo = entry["data_offsets"][0]
+        row = math.prod(shape[1:]) * dtype.itemsize if shape else dtype.itemsize
+        a, b = rows if rows else (0, shape[0] if shape else 1)
+        out_shape = [b - a, *shape[1:]] if shape else []
+        buf = bytearray((b - a) * row)
+        with open(self.path / file, "rb", buffering=0) as f:
+            f.seek(start + lo + a * row)
+            got = f.readinto(buf)
+        if got != len(buf):
+            raise CheckpointError(f"{self.path / file}: truncated while reading {name!r}")
+        self.bytes_read += len(buf)
+        out = (torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype))
+        out = out.reshape(out_shape)
         if cols is not None:
-            index = index + (slice(*cols),)
-        out = sl[index] if (rows or cols) else sl[:]
-        self.bytes_read += out.numel() * out.element_size()
+            out = out[:, cols[0]:cols[1]].contiguous()
         return out

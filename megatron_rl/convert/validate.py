@@ -31,8 +31,9 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
                 "U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
-def _header(file: Path) -> dict[str, Any]:
-    """A safetensors file's tensor entries, checked against its size (ValueError naming it)."""
+def read_header(file: Path) -> tuple[int, dict[str, Any]]:
+    """(offset of the file's tensor data, its header's tensor entries), checked against the
+    file's size (ValueError naming the file)."""
     size = file.stat().st_size
     if size < 8:
         raise ValueError(f"{file}: truncated ({size} bytes; not a safetensors file)")
@@ -64,7 +65,7 @@ def _header(file: Path) -> dict[str, Any]:
     if size < 8 + n + end:
         raise ValueError(f"{file}: truncated (has {size} bytes, its header needs "
                          f"{8 + n + end})")
-    return header
+    return 8 + n, header
 
 
 def _check_weights(path: Path) -> None:
@@ -78,12 +79,12 @@ def _check_weights(path: Path) -> None:
         if missing:
             raise ValueError(f"{path / INDEX}: names {missing[0]!r}, which does not exist"
                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-        headers = {f: _header(path / f) for f in sorted(files)}
+        headers = {f: read_header(path / f)[1] for f in sorted(files)}
         for name, f in weight_map.items():
             if name not in headers[f]:
                 raise ValueError(f"{path / INDEX}: maps {name!r} to {f}, which does not hold it")
     elif (path / SINGLE).is_file():
-        _header(path / SINGLE)
+        read_header(path / SINGLE)
     else:
         raise ValueError(f"{path}: neither {INDEX} nor {SINGLE} found")
 
