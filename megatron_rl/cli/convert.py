@@ -59,11 +59,11 @@ def run(args: argparse.Namespace) -> int:
     if args.hf_source is not None and args.direction != "mcore-to-hf":
         raise ValueError("--hf-source: only for mcore-to-hf (hf-to-mcore reads its source "
                          "directly)")
+    check_destination(args.dst, args.overwrite)
     if args.direction == "hf-to-mcore":
         check_hf_source(args.src)
     else:
         check_mcore_source(args.src)
-    check_destination(args.dst, args.overwrite)
 
     # Megatron-Core: imported on run so that `megatron-rl --help` stays light
     from megatron_rl.actor.parallel import destroy_distributed
