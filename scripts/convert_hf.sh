@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Convert a Hugging Face checkpoint to a Megatron-Core dist checkpoint (or back).
-#   scripts/convert_hf.sh HF_DIR MCORE_DIR [NPROC] [--set parallel.tp=2 ...]
-#   DIRECTION=mcore-to-hf scripts/convert_hf.sh MCORE_DIR HF_DIR [NPROC] [--set ...]
+#   scripts/convert_hf.sh HF_DIR MCORE_DIR [NPROC] [--tp 2 --pp 2 --ep 2 --dtype bfloat16 ...]
+#   DIRECTION=mcore-to-hf scripts/convert_hf.sh MCORE_DIR HF_DIR [NPROC] [--hf-source HF_DIR ...]
+# Any `megatron-rl convert` option passes through (--overwrite, --set KEY=VALUE).
 # NPROC > 1 runs under torchrun on this node; each rank reads only its own slices.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
