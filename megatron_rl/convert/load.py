@@ -128,6 +128,58 @@ def _read_local(reader: SafetensorsReader, t: Target, model_cfg, padded_vocab: i
     return _read_qkv(reader, names, shard, model_cfg)
 
 
+def _row_parts(reader: SafetensorsReader, t: Target, model_cfg, padded_vocab: int
+               ) -> list[tuple[str, tuple[int, int] | None]] | None:
+    """The (HF tensor, rows) ranges that, stacked in order, are this rank's tensor: every kind
+    but "row" (a column slice) is such a stack. None for "row"."""
+    names, shard, kind = t.rule.hf_names(t.layer, t.expert), _shard(t), t.rule.kind
+    if kind == "replicated":
+        return [(names[0], None)]
+    if kind in ("column", "glu"):
+        return [(n, shard.range(reader.shape(n)[0], n)) for n in names]
+    if kind == "vocab":
+        vocab = reader.shape(names[0])[0]
+        lo, hi = shard.range(padded_vocab, names[0])
+        return [(names[0], (lo, min(hi, vocab)))] if lo < vocab else []
+    if kind == "row":
+        return None
+    q, k, v = names  # fused QKV: per query group [its q heads, k, v]
+    heads = model_cfg.num_attention_heads
+    groups = model_cfg.num_query_groups or heads
+    hd = model_cfg.kv_channels or model_cfg.hidden_size // heads
+    hpg = heads // groups
+    g_lo, g_hi = shard.range(groups, f"{q} (query groups)")
+    return [part for g in range(g_lo, g_hi) for part in (
+        (q, (g * hpg * hd, (g + 1) * hpg * hd)), (k, (g * hd, (g + 1) * hd)),
+        (v, (g * hd, (g + 1) * hd)))]
+
+
+def _read_in_place(reader: SafetensorsReader, t: Target, model_cfg, padded_vocab: int) -> bool:
+    """Read this rank's tensor straight into its parameter (no copy of it in between), where
+    the checkpoint's dtype is the parameter's and the parts stack into it exactly; the rows of
+    a padded vocabulary past the real one are zeroed. False: nothing was written."""
+    parts = _row_parts(reader, t, model_cfg, padded_vocab)
+    param = t.param
+    if parts is None or param.dim() == 0:
+        return False
+    sizes = []
+    for name, rows in parts:
+        shape = reader.shape(name)
+        n = (rows[1] - rows[0]) if rows else shape[0]
+        if tuple(shape[1:]) != tuple(param.shape[1:]):
+            return False
+        sizes.append(n)
+    if sum(sizes) > param.shape[0] or (t.rule.kind != "vocab" and sum(sizes) != param.shape[0]):
+        return False
+    offset = 0
+    for (name, rows), n in zip(parts, sizes, strict=True):
+        if not reader.read_into(name, rows, param[offset : offset + n]):
+            return False  # a dtype other than the parameter's: the first part, nothing written
+        offset += n
+    param[offset:].zero_()  # vocabulary padding
+    return True
+
+
 def _read_vocab(reader: SafetensorsReader, name: str, shard: Shard, padded: int) -> torch.Tensor:
     vocab, width = reader.shape(name)
     lo, hi = shard.range(padded, name)
@@ -194,12 +246,13 @@ def load_hf(chunks: list[torch.nn.Module], arch: Arch, model_cfg, path: str,
         raise CheckpointError(f"{path}: missing tensors {missing[:10]}{more}")
     start = time.perf_counter()
     for i, t in enumerate(todo):
-        local = _read_local(reader, t, model_cfg, padded_vocab)
-        if tuple(local.shape) != tuple(t.param.shape):
-            raise CheckpointError(
-                f"{t.name} <- {t.rule.hf_names(t.layer, t.expert)}: expected shape "
-                f"{tuple(t.param.shape)} on this rank, found {tuple(local.shape)}")
-        t.param.copy_(local.to(t.param.dtype))
+        if not _read_in_place(reader, t, model_cfg, padded_vocab):
+            local = _read_local(reader, t, model_cfg, padded_vocab)
+            if tuple(local.shape) != tuple(t.param.shape):
+                raise CheckpointError(
+                    f"{t.name} <- {t.rule.hf_names(t.layer, t.expert)}: expected shape "
+                    f"{tuple(t.param.shape)} on this rank, found {tuple(local.shape)}")
+            t.param.copy_(local.to(t.param.dtype))
         if progress and (i + 1) % max(1, len(todo) // 10) == 0:
             _progress(i + 1, len(todo), reader.bytes_read, start)
     _check_extras(reader, arch, model_cfg.num_layers)

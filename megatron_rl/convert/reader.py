@@ -80,6 +80,35 @@ class SafetensorsReader:
         """Shape of a tensor without reading it."""
         return tuple(self._entry(name)[2]["shape"])
 
+    def read_into(self, name: str, rows: tuple[int, int] | None, out: torch.Tensor) -> bool:
+        """Read rows [a, b) of `name` (all with None) straight into `out`, a contiguous tensor of
+        their dtype and shape: no buffer in between. False (nothing read) when `out` does not
+        fit them, so the caller can take `read`'s path (and its shape errors)."""
+        file, start, entry = self._entry(name)
+        shape = list(entry["shape"])
+        a, b = rows if rows else (0, shape[0] if shape else 1)
+        if (not shape or out.dtype != DTYPES[entry["dtype"]] or not out.is_contiguous()
+                or list(out.shape) != [b - a, *shape[1:]] or out.device.type != "cpu"):
+            return False
+        row = math.prod(shape[1:]) * out.element_size()
+        view = memoryview(out.view(torch.uint8).numpy()).cast("B") if out.numel() else b""
+        self._read_exact(file, start + entry["data_offsets"][0] + a * row, view, name)
+        return True
+
+    def _read_exact(self, file: str, offset: int, view, name: str) -> None:
+        """Fill `view` from `file` at `offset`; one read(2) returns at most ~2 GiB, so loop."""
+        want, got = len(view), 0
+        with open(self.path / file, "rb", buffering=0) as f:
+            f.seek(offset)
+            while got < want:
+                n = f.readinto(view[got:])
+                if not n:
+                    break
+                got += n
+        if got != want:
+            raise CheckpointError(f"{self.path / file}: truncated while reading {name!r}")
+        self.bytes_read += got
+
     def read(self, name: str, rows: tuple[int, int] | None = None,
              cols: tuple[int, int] | None = None) -> torch.Tensor:
         """The tensor, or only rows [a, b) (dim 0) and/or columns [c, d) (dim 1) of it."""
@@ -90,12 +119,7 @@ class SafetensorsReader:
         a, b = rows if rows else (0, shape[0] if shape else 1)
         out_shape = [b - a, *shape[1:]] if shape else []
         buf = bytearray((b - a) * row)
-        with open(self.path / file, "rb", buffering=0) as f:
-            f.seek(start + lo + a * row)
-            got = f.readinto(buf)
-        if got != len(buf):
-            raise CheckpointError(f"{self.path / file}: truncated while reading {name!r}")
-        self.bytes_read += len(buf)
+        self._read_exact(file, start + lo + a * row, memoryview(buf), name)
         out = (torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype))
         out = out.reshape(out_shape)
         if cols is not None:
