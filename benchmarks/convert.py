@@ -9,6 +9,9 @@ parameter bytes, the peak resident memory (RSS) from the model build to the end 
 above the RSS just before the build (the imports and process groups excluded; psutil sampled
 every 10 ms in a background thread; includes the mmapped safetensors pages the rank touched),
 that peak over the local parameter bytes (the issue's goal: <= 1.3), GB/s read and seconds.
+For the bare path, the rest of a conversion both ways: the Megatron dist-checkpoint save's peak
+above the same baseline over local bytes ("save peak / local"), and in a new model, loading that
+checkpoint back and exporting HF ("export peak / local", above the RSS just before it).
 
 The two model paths: "actor", a training `Actor` (DDP gradient buffers, optimizer, random init:
 what `megatron-rl convert` built before issue 19), and "bare", `convert.bare.BareModel` (the
@@ -96,10 +99,15 @@ class PeakRss:
         self.peak = max(self.peak, self.after)
 
 
-def worker(path: str, parallel: dict[str, Any], threads: int, kind: str) -> dict[str, Any]:
+def worker(path: str, parallel: dict[str, Any], threads: int, kind: str,
+           out_dir: str) -> dict[str, Any]:
     """One rank: build the model (`kind`: actor or bare) and load the checkpoint into it, under
-    one RSS measurement."""
+    one RSS measurement. For bare, as `megatron-rl convert` goes on: save the Megatron
+    checkpoint (RSS above the same baseline), then, in a new model, load it back and export HF
+    (`mcore_to_hf`'s work, RSS above the baseline just before it)."""
     torch.set_num_threads(threads)
+    import gc
+
     import torch.distributed as dist
 
     from megatron_rl.actor.actor import Actor
@@ -122,9 +130,23 @@ def worker(path: str, parallel: dict[str, Any], threads: int, kind: str) -> dict
         load_s = time.perf_counter() - load_start
     chunks = [c.module for c in model.model] if kind == "actor" else model.chunks
     local = sum(p.numel() * p.element_size() for c in chunks for p in c.parameters())
-    return {"bytes_read": info["bytes_read"], "local_bytes": local,
-            "seconds": time.perf_counter() - start, "load_s": load_s,
-            "rss_peak": rss.peak - rss.before, "rss_after": rss.after - rss.before}
+    out = {"bytes_read": info["bytes_read"], "local_bytes": local,
+           "seconds": time.perf_counter() - start, "load_s": load_s,
+           "rss_peak": rss.peak - rss.before, "rss_after": rss.after - rss.before}
+    if kind == "bare":
+        mcore, hf = Path(out_dir) / "mcore", Path(out_dir) / "hf"
+        with PeakRss() as save:
+            model.save(mcore, arch)
+        out["save_peak"] = save.peak - rss.before
+        del model, chunks
+        gc.collect()
+        dist.barrier()
+        with PeakRss() as export:
+            again = BareModel(model_cfg, par, actor_cfg)
+            again.load(mcore)
+            again.save_hf(hf, arch)
+        out["export_peak"] = export.peak - export.before
+    return out
 
 
 def make_deepseek_v3(out: Path) -> Path:
@@ -163,7 +185,8 @@ def checkpoint_bytes(path: Path) -> int:
 
 
 HEADERS = ["model", "layout", "path", "rank", "ckpt MiB", "read MiB", "local params MiB",
-           "peak RSS +MiB", "peak / local", "GB/s read", "build+load s"]
+           "peak RSS +MiB", "peak / local", "GB/s read", "build+load s", "save peak / local",
+           "export peak / local"]
 
 
 def format_table(rows: list[list[str]], markdown: bool) -> str:
@@ -222,8 +245,9 @@ def main(argv: list[str] | None = None) -> None:
                     t0 = time.perf_counter()
                     threads = max(1, (os.cpu_count() or 1) // layout.world)
                     try:
+                        out_dir = tempfile.mkdtemp(prefix=f"{model}-{kind}-", dir=tmp)
                         res = run_ranks(worker, layout.world, str(path), layout.parallel,
-                                        threads, kind, timeout_s=args.timeout)
+                                        threads, kind, out_dir, timeout_s=args.timeout)
                     except RankFailure as err:
                         why = str(err).strip().splitlines()[-1]
                         failures.append(f"{model} {layout.label} {kind}: {why}")
@@ -238,7 +262,9 @@ def main(argv: list[str] | None = None) -> None:
                                      f"{r['rss_peak'] / MiB:.0f}",
                                      f"{r['rss_peak'] / r['local_bytes']:.2f}",
                                      f"{r['bytes_read'] / 1e9 / max(r['load_s'], 1e-9):.2f}",
-                                     f"{r['seconds']:.2f}"])
+                                     f"{r['seconds']:.2f}",
+                                     *(f"{r[k] / r['local_bytes']:.2f}" if k in r else "-"
+                                       for k in ("save_peak", "export_peak"))])
                     print(f"  done {model} {layout.label} {kind} ({time.perf_counter() - t0:.0f}s "
                           "wall incl. spawn)", flush=True)
     print()

@@ -1,12 +1,13 @@
 """`megatron-rl convert` as a user runs it (issue 19): a bf16 Qwen2 with tied embeddings and QKV
 bias, saved with tokenizer files and a generation config, goes HF -> Megatron (TP=2 under
-torchrun, through `--tp`) -> HF (one process) and comes back complete: the same tensors bit for
-bit in bf16, every config.json key with its value, the tokenizer files and generation config.
+torchrun, through `--tp`) -> HF (TP=2 again: each tensor gathered) and comes back complete:
+the same tensors bit for bit in bf16, every config.json key with its value, the tokenizer files
+and generation config.
 The destination is never deleted or replaced unasked, nothing is written beside it, and a
 DeepSeek-V3 whose router does not renormalise (`norm_topk_prob=false`) is refused by name
 before any work. A shrunk DeepSeek-V3 made with transformers' own config class, with an MTP
-layer as the released checkpoints have, goes HF -> Megatron at TP=2/PP=2/EP=2 -> HF bit for bit
-(the MTP layer skipped, and said so)."""
+layer as the released checkpoints have, goes HF -> Megatron at TP=2/PP=2/EP=2 -> HF (from
+TP=2/EP=2) bit for bit (the MTP layer skipped, and said so)."""
 
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def round_trip(qwen2_bf16, tmp_path_factory) -> dict:
     mcore, back = work / "mcore", work / "back"
     to = _cli("hf-to-mcore", str(qwen2_bf16), str(mcore), "--tp", "2", nproc=2)
     assert to.returncode == 0, to.stderr[-3000:]
-    fro = _cli("mcore-to-hf", str(mcore), str(back))
+    fro = _cli("mcore-to-hf", str(mcore), str(back), "--tp", "2", nproc=2)
     assert fro.returncode == 0, fro.stderr[-3000:]
     return {"work": work, "mcore": mcore, "back": back, "stderr": to.stderr + fro.stderr}
 
@@ -148,7 +149,8 @@ def test_deepseek_v3_round_trips_at_tp2_pp2_ep2_skipping_mtp(tmp_path):
                "--set", "parallel.etp=1", nproc=4)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "skipped" in run.stderr and "MTP" in run.stderr
-    run = _cli("mcore-to-hf", str(mcore), str(back))
+    run = _cli("mcore-to-hf", str(mcore), str(back), "--tp", "2", "--ep", "2",
+               "--set", "parallel.etp=1", nproc=2)
     assert run.returncode == 0, run.stderr[-3000:]
     got = _tensors(back)
     assert got.keys() == orig.keys()  # all but the MTP layer

@@ -27,11 +27,13 @@ from megatron_rl.convert.reader import INDEX
 
 
 def _gather_tp(t: Target) -> torch.Tensor:
-    """The full (TP-unsharded) Megatron tensor of a local parameter. The split dimension is the
-    rule's (rows, columns for `row`), not the parameter's `partition_dim`: TE marks expert
-    linears with explicit communication `partition_dim=0` whatever their mode (`te_names`)."""
+    """The full (TP-unsharded) Megatron tensor of a local parameter. Whether and how it is split
+    is the rule's (rows, columns for `row`), as `load_hf` reads it, not the parameter's
+    `tensor_model_parallel`/`partition_dim`: Megatron sets those only when it initialises the
+    weights (a converter's bare model does not), and TE marks expert linears with explicit
+    communication `partition_dim=0` whatever their mode (`te_names`)."""
     p = t.param.detach()
-    if not getattr(t.param, "tensor_model_parallel", False) or t.tp_duplicated:
+    if t.rule.kind == "replicated" or t.tp_duplicated:
         return p
     group = (ps.get_expert_tensor_parallel_group() if t.is_expert
              else ps.get_tensor_model_parallel_group())
