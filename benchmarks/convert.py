@@ -66,6 +66,8 @@ LAYOUTS: dict[str, list[Layout]] = {
     "qwen3_moe": [Layout("1 rank", 1), Layout("TP=2", 2, {"tp": 2}),
                   Layout("PP=2", 2, {"pp": 2}), Layout("EP=2", 2, {"ep": 2})],
     "deepseek_v3": [Layout("1 rank", 1), Layout("EP=2", 2, {"ep": 2})],
+    # the same with a 4x vocabulary (2.2x the weights): what grows with the model and what not
+    "deepseek_v3_v65k": [Layout("1 rank", 1)],
 }
 PATHS = ("actor", "bare")
 
@@ -149,14 +151,14 @@ def worker(path: str, parallel: dict[str, Any], threads: int, kind: str,
     return out
 
 
-def make_deepseek_v3(out: Path) -> Path:
-    """A random DeepSeek-V3-shaped model (fp32, ~150 MB): MLA with q/kv LoRA, 16 experts in 4
-    groups, a shared expert, the first layer dense."""
+def make_deepseek_v3(out: Path, vocab: int = 16384) -> Path:
+    """A random DeepSeek-V3-shaped model (fp32, ~150 MB at the default vocabulary): MLA with
+    q/kv LoRA, 16 experts in 4 groups, a shared expert, the first layer dense."""
     import transformers as tf
 
     torch.manual_seed(0)
     cfg = tf.DeepseekV3Config(
-        vocab_size=16384, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+        vocab_size=vocab, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
         num_attention_heads=8, num_key_value_heads=8, moe_intermediate_size=256,
         q_lora_rank=256, kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=16,
         v_head_dim=32, n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4, n_group=4,
@@ -235,6 +237,8 @@ def main(argv: list[str] | None = None) -> None:
                 path = prepare_smollm2()
             elif model == "deepseek_v3":
                 path = make_deepseek_v3(Path(tmp) / model)
+            elif model == "deepseek_v3_v65k":
+                path = make_deepseek_v3(Path(tmp) / model, vocab=65536)
             else:
                 path = make_qwen3_moe(Path(tmp) / model)
             size = checkpoint_bytes(path)

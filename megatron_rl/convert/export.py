@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
-from safetensors.torch import save_file
 
 from megatron_rl.atomic import delete_aside
 from megatron_rl.convert import te_names
 from megatron_rl.convert.load import Target, targets
 from megatron_rl.convert.maps import TIED_OUTPUT, Arch
 from megatron_rl.convert.reader import INDEX
+from megatron_rl.convert.writer import StreamingSafetensors
 
 
 def _gather_tp(t: Target) -> torch.Tensor:
@@ -159,12 +159,25 @@ def save_hf(chunks: list[torch.nn.Module], arch: Arch, model_cfg, out_dir: str |
     dist.barrier()
     stage = ps.get_pipeline_model_parallel_rank()
     files: list[tuple[str, list[str]]] = []
-    for i, bucket in enumerate(iter_hf_buckets(chunks, arch, model_cfg, shard_bytes)):
-        if is_stage_writer():
-            name = f"part-{stage:05d}-{i:05d}.safetensors"
-            save_file({n: (t if dtype is None else t.to(dtype)).contiguous() for n, t in bucket},
-                      str(tmp / name), metadata={"format": "pt"})
-            files.append((name, [n for n, _ in bucket]))
+    part: StreamingSafetensors | None = None
+    writer = is_stage_writer()
+    # one gathered tensor in flight: each is written as it comes (other ranks only take part
+    # in the gathers), a file ends at `shard_bytes`
+    for name, tensor in iter_hf_tensors(chunks, arch, model_cfg):
+        if not writer:
+            continue
+        tensor = tensor if dtype is None else tensor.to(dtype)
+        size = tensor.numel() * tensor.element_size()
+        if part is not None and (part.nbytes + size > shard_bytes
+                                 or not part.fits(name, tensor)):
+            files.append((part.path.name, part.close()))
+            part = None
+        if part is None:
+            part = StreamingSafetensors(
+                tmp / f"part-{stage:05d}-{len(files):05d}.safetensors", {"format": "pt"})
+        part.add(name, tensor)
+    if part is not None:
+        files.append((part.path.name, part.close()))
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, files)
     if rank == 0:
