@@ -4,8 +4,8 @@
 multi-GB shards that is GBs per rank on top of the model. The format puts a JSON header (names,
 dtypes, shapes, byte offsets) before the data, so the header cannot be written first; instead
 the data goes after a reserved region and the header is written into it at the end, padded with
-spaces, which the format allows (docs/design.md, "Conversion"). A file ends when its header
-would outgrow the reservation (thousands of tensors) or the caller's size limit.
+spaces, which the format allows (docs/design.md, "Checkpoint conversion"). A file ends when its
+header would outgrow the reservation (thousands of tensors) or the caller's size limit.
 """
 
 from __future__ import annotations
