@@ -15,13 +15,14 @@ from typing import Any
 
 from megatron_rl.actor.config import ModelConfig
 from megatron_rl.convert.maps import Arch
-from megatron_rl.convert.registry import ARCHS, arch_for, read_hf_config
+from megatron_rl.convert.registry import ARCHS, arch_for, fp8_block, read_hf_config
 
 
 def hf_model_config(path: str | Path, **overrides: Any) -> tuple[Arch, ModelConfig]:
     """Architecture and `ModelConfig` of the HF checkpoint at `path`."""
     hf = read_hf_config(path)
     arch = arch_for(hf)
+    fp8_block(hf, str(Path(path) / "config.json"))  # unsupported quantization: refused first
     fields = arch.model_config(hf) | {"hf_architecture": arch.name} | overrides
     model = ModelConfig(**fields)
     model.validate()

@@ -23,7 +23,7 @@ from megatron_rl.config import load_config
 from megatron_rl.configurable import from_dict
 from megatron_rl.convert import hf_model_config
 from megatron_rl.convert.bare import BareModel
-from megatron_rl.convert.registry import ARCHS, read_hf_config
+from megatron_rl.convert.registry import ARCHS, fp8_block, read_hf_config
 from megatron_rl.convert.validate import check_destination, check_mcore_source
 
 
@@ -87,7 +87,10 @@ def hf_to_mcore(src: str, dst: str, overrides: list[str], *, overwrite: bool = F
     hf = read_hf_config(src)
     arch, model = hf_model_config(src)
     dtype = dtype or source_dtype(hf)
-    log_rank0(f"{src}: {_describe(arch.name, model, dtype)}")
+    block = fp8_block(hf)
+    log_rank0(f"{src}: {_describe(arch.name, model, dtype)}" + (
+        f" (FP8 weights in {block[0]}x{block[1]} blocks, dequantized to {dtype})" if block
+        else ""))
     bare = _model(model, overrides, dtype)
     stats = bare.load_hf(src, arch)
     log_rank0(f"rank 0 read {stats['bytes_read'] / 2**20:.1f} MiB in {stats['seconds']:.1f}s")
@@ -117,7 +120,8 @@ def mcore_to_hf(src: str, dst: str, overrides: list[str], *, overwrite: bool = F
     base = read_hf_config(origin) if origin is not None else info.get("hf_config") or {}
     dtype = dtype or info.get("dtype") or source_dtype(base)
     ours = {k: v for k, v in arch.hf_config(model).items() if k not in ("torch_dtype", "dtype")}
-    config = {**base, **ours}
+    # the weights go out dequantized (an FP8 source is read as bf16): no quantization_config
+    config = {k: v for k, v in {**base, **ours}.items() if k != "quantization_config"}
     # the dtype under the key(s) the source used (transformers 5 writes `dtype`, 4.x
     # `torch_dtype`, which both read)
     for key in [k for k in ("torch_dtype", "dtype") if k in base] or ["torch_dtype"]:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_rl.convert.registry import fp8_block, read_hf_config
 from megatron_rl.convert.validate import read_header
 
 INDEX = "model.safetensors.index.json"
@@ -27,6 +28,7 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
           "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 """safetensors dtype names -> torch."""
+FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 class CheckpointError(ValueError):
@@ -48,6 +50,11 @@ class SafetensorsReader:
         else:
             raise CheckpointError(f"{self.path}: neither {INDEX} nor {SINGLE} found")
         self.weight_map: dict[str, str] = weight_map
+        config = self.path / "config.json"
+        self.fp8_block = (fp8_block(read_hf_config(self.path), str(config)) if config.is_file()
+                          else None)
+        """Block (rows, columns) of a block-wise FP8 checkpoint, whose weights `read` returns
+        dequantized (float32); None when it is not quantized."""
         self.used: set[str] = set()
         self.bytes_read = 0
         """Bytes read from disk (a column slice reads its whole rows)."""
@@ -109,9 +116,32 @@ class SafetensorsReader:
             raise CheckpointError(f"{self.path / file}: truncated while reading {name!r}")
         self.bytes_read += got
 
+    def _dequantize(self, name: str, raw: torch.Tensor, row0: int) -> torch.Tensor:
+        """Rows [row0, row0 + len(raw)) of an FP8 weight times their blocks' scales, float32:
+        w[i, j] = fp8[i, j] * scale_inv[i // B0, j // B1], DeepSeek-V3's `weight_dequant`."""
+        scale = f"{name}_scale_inv"
+        if self.fp8_block is None or scale not in self.weight_map or raw.dim() != 2:
+            raise CheckpointError(
+                f"{self.path}: {name!r} is FP8 but "
+                + ("config.json has no block-wise fp8 quantization_config"
+                   if self.fp8_block is None else f"there is no 2-D weight with {scale!r}"))
+        b0, b1 = self.fp8_block
+        rows, cols = raw.shape
+        want = (-(-self.shape(name)[0] // b0), -(-cols // b1))
+        if tuple(self.shape(scale)) != want:
+            raise CheckpointError(f"{self.path}: {scale!r} has shape {self.shape(scale)}, "
+                                  f"expected {want} for blocks of {b0}x{b1}")
+        if rows == 0:
+            return raw.float()
+        first = row0 // b0
+        s = self.read(scale, rows=(first, (row0 + rows - 1) // b0 + 1)).float()
+        s = s.repeat_interleave(b0, 0)[row0 - first * b0 : row0 - first * b0 + rows]
+        return raw.float() * s.repeat_interleave(b1, 1)[:, :cols]
+
     def read(self, name: str, rows: tuple[int, int] | None = None,
              cols: tuple[int, int] | None = None) -> torch.Tensor:
-        """The tensor, or only rows [a, b) (dim 0) and/or columns [c, d) (dim 1) of it."""
+        """The tensor, or only rows [a, b) (dim 0) and/or columns [c, d) (dim 1) of it; an FP8
+        weight of a block-quantized checkpoint comes dequantized, in float32."""
         file, start, entry = self._entry(name)
         dtype, shape = DTYPES[entry["dtype"]], list(entry["shape"])
         lo = entry["data_offsets"][0]
@@ -122,6 +152,8 @@ class SafetensorsReader:
         self._read_exact(file, start + lo + a * row, memoryview(buf), name)
         out = (torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype))
         out = out.reshape(out_shape)
+        if dtype in FP8:
+            out = self._dequantize(name, out, a)
         if cols is not None:
             out = out[:, cols[0]:cols[1]].contiguous()
         return out

@@ -39,3 +39,23 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
         return json.loads(file.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{file}: not valid JSON ({err})") from None
+
+
+def fp8_block(hf_config: dict[str, Any], where: str = "config.json") -> tuple[int, int] | None:
+    """The weight block of a block-wise FP8 checkpoint (DeepSeek-V3's released one:
+    `quantization_config = {quant_method: fp8, weight_block_size: [128, 128]}`, each FP8
+    `<name>.weight` with a float32 `<name>.weight_scale_inv` per block), which loading
+    dequantizes; None for an unquantized checkpoint. Any other quantization changes what the
+    weights mean and is refused by name."""
+    quant = hf_config.get("quantization_config")
+    if not quant:
+        return None
+    method = quant.get("quant_method")
+    block = quant.get("weight_block_size")
+    if method != "fp8" or not (isinstance(block, list) and len(block) == 2
+                               and all(isinstance(b, int) and b > 0 for b in block)):
+        raise ValueError(
+            f"{where}: quantization_config (quant_method={method!r}, weight_block_size="
+            f"{block!r}) is not supported: only block-wise fp8 (DeepSeek-V3's) is dequantized; "
+            "convert the weights to bf16 first")
+    return block[0], block[1]
