@@ -6,5 +6,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup_env.sh
 echo "[test] ruff check ."
 .venv/bin/ruff check .
-echo "[test] pytest tests"
+# The slow end-to-end tests (the real SmolLM2 checkpoint: ~2.5 min more) run too, as in CI;
+# MEGATRON_RL_SLOW=0 skips them while iterating.
+export MEGATRON_RL_SLOW=${MEGATRON_RL_SLOW:-1}
+echo "[test] pytest tests (MEGATRON_RL_SLOW=$MEGATRON_RL_SLOW)"
 exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 tests "$@"

@@ -274,3 +274,13 @@ def test_loading_an_hf_checkpoint_checks_its_config_against_the_model_section(tm
     with pytest.raises(ValueError, match=r"checkpoint\.load=.*does not match.*model\.norm_epsilon="
                                          r"1e-05 but 1e-06 there, model\.rotary_base=500000"):
         check_hf_matches(other, tmp_path)
+    # a value stored through float32 (SmolLM2's GGUF: rms_norm_eps 1e-5 as 9.999999747e-06)
+    # is the same value; a real difference in the 6th digit is not
+    hf = arch_of(model).hf_config(model)
+    (tmp_path / "config.json").write_text(json.dumps(
+        hf | {"rms_norm_eps": float(torch.tensor(model.norm_epsilon, dtype=torch.float32))}))
+    assert check_hf_matches(model, tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(
+        hf | {"rms_norm_eps": model.norm_epsilon * 1.00001}))
+    with pytest.raises(ValueError, match="norm_epsilon"):
+        check_hf_matches(model, tmp_path)

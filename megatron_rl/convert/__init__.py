@@ -10,6 +10,7 @@ Entry points:
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,15 @@ def arch_of(model_cfg: ModelConfig) -> Arch:
     return arch
 
 
+def _same(ours: Any, theirs: Any) -> bool:
+    """Equal, floats within float32 rounding (a config written from float32, e.g. a GGUF's
+    rms_norm_eps 1e-5 stored as 9.999999747378752e-06, states the same value)."""
+    if isinstance(ours, float) or isinstance(theirs, float):
+        return (isinstance(ours, int | float) and isinstance(theirs, int | float)
+                and math.isclose(ours, theirs, rel_tol=1e-6))
+    return ours == theirs
+
+
 def check_hf_matches(model_cfg: ModelConfig, path: str | Path) -> Arch:
     """The architecture of the HF checkpoint at `path`, after checking that every field its
     config.json states equals the run's `model` section (shapes alone can agree while, e.g.,
@@ -82,7 +92,7 @@ def check_hf_matches(model_cfg: ModelConfig, path: str | Path) -> Arch:
     arch, theirs = hf_model_config(path)
     stated = arch.model_config(read_hf_config(path))
     differ = sorted(k for k in stated if k not in _TRAINING_ONLY
-                    and _effective(model_cfg, k) != _effective(theirs, k))
+                    and not _same(_effective(model_cfg, k), _effective(theirs, k)))
     if differ:
         diffs = ", ".join(f"model.{k}={_effective(model_cfg, k)!r} but {_effective(theirs, k)!r}"
                           " there" for k in differ)
