@@ -6,6 +6,7 @@ truncation."""
 from __future__ import annotations
 
 import io
+import os
 
 import pytest
 import torch
@@ -20,7 +21,8 @@ from megatron_rl.convert.reader import SafetensorsReader
 def ckpt(tmp_path):
     torch.manual_seed(0)
     tensors = {"a": torch.randn(7, 5).to(torch.bfloat16), "b": torch.randn(11, 3),
-               "c": torch.randn(4), "s": torch.tensor(2.5)}
+               "c": torch.randn(4), "s": torch.tensor(2.5),
+               "wide": torch.randn(6, 3000)}  # 12 KB rows: column slices read row by row
     save_file(tensors, str(tmp_path / "model.safetensors"))
     return tmp_path
 
@@ -32,6 +34,11 @@ def test_slices_match_the_library(ckpt):
             assert torch.equal(r.read(name), lib.get_tensor(name)), name
         assert torch.equal(r.read("a", rows=(2, 6)), lib.get_slice("a")[2:6])
         assert torch.equal(r.read("b", rows=(3, 9), cols=(1, 3)), lib.get_slice("b")[3:9, 1:3])
+        before = r.bytes_read
+        got = r.read("wide", rows=(1, 5), cols=(1000, 2500))  # 6 KB of each row
+        assert torch.equal(got, lib.get_slice("wide")[1:5, 1000:2500])
+        assert r.bytes_read - before == 4 * 1500 * 4  # only the columns
+        assert torch.equal(r.read("wide", cols=(0, 800)), lib.get_slice("wide")[:, 0:800])
         out = torch.empty(4, 5, dtype=torch.bfloat16)
         assert r.read_into("a", (1, 5), out)
         assert torch.equal(out, lib.get_slice("a")[1:5])
@@ -60,14 +67,18 @@ def test_short_reads_are_completed_and_real_truncation_named(ckpt, monkeypatch):
     expected = SafetensorsReader(str(ckpt)).read("b")
     monkeypatch.setattr(reader_mod, "open", lambda p, mode, buffering=-1: _Trickle(p, mode),
                         raising=False)
+    preadv = os.preadv
+    monkeypatch.setattr(os, "preadv", lambda fd, bufs, off: preadv(fd, [bufs[0][:3]], off))
     r = SafetensorsReader(str(ckpt))
     assert torch.equal(r.read("b"), expected)
     out = torch.empty(11, 3)
     assert r.read_into("b", None, out) and torch.equal(out, expected)
+    wide = SafetensorsReader(str(ckpt)).read("wide")
+    assert torch.equal(r.read("wide", cols=(100, 1200)), wide[:, 100:1200])
     monkeypatch.undo()
 
     r = SafetensorsReader(str(ckpt))
-    last = max(("a", "b", "c", "s"), key=lambda n: r._entry(n)[2]["data_offsets"][1])
+    last = max(("a", "b", "c", "s", "wide"), key=lambda n: r._entry(n)[2]["data_offsets"][1])
     path = ckpt / "model.safetensors"  # cut after its header was checked (a copy in progress)
     path.write_bytes(path.read_bytes()[:-8])
     with pytest.raises(Exception, match=f"truncated.*{last}"):

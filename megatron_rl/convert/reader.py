@@ -2,8 +2,10 @@
 
 Handles a single `model.safetensors` and sharded checkpoints with `model.safetensors.index.json`.
 Each file's header is parsed (and checked against the file's size) by `validate.read_header`;
-a read is one positioned `readinto` of the requested rows (a column slice reads the rows, then
-keeps its columns) into a buffer that becomes the tensor. No file is memory-mapped: mapped
+a read is one positioned `readinto` of the requested rows, straight into the parameter where
+its dtype and layout allow (`read_into`), else into a buffer that becomes the tensor. A column
+slice (TP's row-parallel weights) at least a page wide per row is read row by row, only its
+columns; a narrower one reads whole rows and keeps its columns. No file is memory-mapped: mapped
 pages a rank touched would stay in its resident memory for the whole load (a rank converting
 its share of a 671B model would hold its share twice), while a read buffer lives as long as the
 one tensor being copied.
@@ -29,6 +31,8 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 """safetensors dtype names -> torch."""
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+PAGE = 4096
+"""A column slice at least this wide per row is read row by row (`_read_columns`)."""
 
 
 class CheckpointError(ValueError):
@@ -57,7 +61,7 @@ class SafetensorsReader:
         dequantized (float32); None when it is not quantized."""
         self.used: set[str] = set()
         self.bytes_read = 0
-        """Bytes read from disk (a column slice reads its whole rows)."""
+        """Bytes read from disk (a column slice narrower than a page reads its whole rows)."""
 
     def _header(self, file: str) -> tuple[int, dict]:
         """(offset of the file's data, its header), parsed once."""
@@ -138,6 +142,33 @@ class SafetensorsReader:
         s = s.repeat_interleave(b0, 0)[row0 - first * b0 : row0 - first * b0 + rows]
         return raw.float() * s.repeat_interleave(b1, 1)[:, :cols]
 
+    def _read_columns(self, file: str, data: int, entry: dict, name: str,
+                      rows: tuple[int, int], cols: tuple[int, int]) -> torch.Tensor:
+        """Columns [c, d) of rows [a, b) of a 2-D tensor, one positioned read per row straight
+        into the result: a TP rank reads its share of a row-parallel weight, not whole rows.
+        Used where a row's slice is at least a page (below that the kernel reads the same
+        pages as whole rows would)."""
+        dtype, width = DTYPES[entry["dtype"]], entry["shape"][1]
+        (a, b), (c, d) = rows, cols
+        out = torch.empty(b - a, d - c, dtype=dtype)
+        view = memoryview(out.view(torch.uint8).numpy()).cast("B")
+        span, row = (d - c) * dtype.itemsize, width * dtype.itemsize
+        first = data + entry["data_offsets"][0] + a * row + c * dtype.itemsize
+        fd = os.open(self.path / file, os.O_RDONLY)
+        try:
+            for i in range(b - a):
+                got, want = 0, view[i * span : (i + 1) * span]
+                while got < span:
+                    n = os.preadv(fd, [want[got:]], first + i * row + got)
+                    if not n:
+                        raise CheckpointError(
+                            f"{self.path / file}: truncated while reading {name!r}")
+                    got += n
+        finally:
+            os.close(fd)
+        self.bytes_read += (b - a) * span
+        return out
+
     def read(self, name: str, rows: tuple[int, int] | None = None,
              cols: tuple[int, int] | None = None) -> torch.Tensor:
         """The tensor, or only rows [a, b) (dim 0) and/or columns [c, d) (dim 1) of it; an FP8
@@ -147,6 +178,10 @@ class SafetensorsReader:
         lo = entry["data_offsets"][0]
         row = math.prod(shape[1:]) * dtype.itemsize if shape else dtype.itemsize
         a, b = rows if rows else (0, shape[0] if shape else 1)
+        if cols is not None and dtype not in FP8 and len(shape) == 2:
+            span = (cols[1] - cols[0]) * dtype.itemsize
+            if span >= PAGE and span < row:
+                return self._read_columns(file, start, entry, name, (a, b), cols)
         out_shape = [b - a, *shape[1:]] if shape else []
         buf = bytearray((b - a) * row)
         self._read_exact(file, start + lo + a * row, memoryview(buf), name)
