@@ -10,6 +10,7 @@ only composes and loads.
 """
 
 import dataclasses
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import field
@@ -211,20 +212,26 @@ def _resolve_parallel(par: ParallelConfig, world: int) -> ParallelConfig:
     return par
 
 
-def _divisible(n: int, by: int, key: str, what: str, fix_key: str) -> None:
-    """Require n % by == 0 with a message listing the sizes of `fix_key` that would work."""
+def _divisible(n: int, by: int, key: str, what: str, fix_key: str, fits: int | None = None
+               ) -> None:
+    """Require n % by == 0 with a message listing the sizes of `fix_key` that would work: the
+    divisors of `fits` (every size `fix_key` must divide, e.g. all of tp's) or else of n."""
     require(n % by == 0, key, f"{what}={n} is not divisible by {fix_key.split('.')[-1]}={by}",
-            f"choose {fix_key} in {one_of(divisors(n))}")
+            f"choose {fix_key} in {one_of(divisors(fits or n))}")
 
 
 def _check_model_parallel(model: ModelConfig, par: ParallelConfig, world: int) -> None:
     """Shapes must split evenly over tp, pp (and vpp), ep and etp (Megatron's requirements)."""
-    _divisible(model.num_attention_heads, par.tp, "parallel.tp", "model.num_attention_heads",
-               "parallel.tp")
     groups = model.num_query_groups or model.num_attention_heads
-    _divisible(groups, par.tp, "parallel.tp", "model.num_query_groups", "parallel.tp")
+    by_tp = [model.num_attention_heads, groups, model.ffn_hidden_size]
+    if model.num_experts and model.moe_shared_expert_intermediate_size is not None:
+        by_tp.append(model.moe_shared_expert_intermediate_size)
+    tp_fits = math.gcd(*by_tp)  # a tp that divides one of them must divide them all
+    _divisible(model.num_attention_heads, par.tp, "parallel.tp", "model.num_attention_heads",
+               "parallel.tp", tp_fits)
+    _divisible(groups, par.tp, "parallel.tp", "model.num_query_groups", "parallel.tp", tp_fits)
     _divisible(model.ffn_hidden_size, par.tp, "parallel.tp", "model.ffn_hidden_size",
-               "parallel.tp")
+               "parallel.tp", tp_fits)
     last = par.pp_last_stage_layers
     if last is not None:  # Megatron: the other pp-1 stages split the rest evenly
         rest = model.num_layers - last
@@ -248,7 +255,7 @@ def _check_model_parallel(model: ModelConfig, par: ParallelConfig, world: int) -
                "parallel.etp")
     if model.moe_shared_expert_intermediate_size is not None:
         _divisible(model.moe_shared_expert_intermediate_size, par.tp, "parallel.tp",
-                   "model.moe_shared_expert_intermediate_size", "parallel.tp")
+                   "model.moe_shared_expert_intermediate_size", "parallel.tp", tp_fits)
     require(par.sequence_parallel or par.tp == 1, "parallel.sequence_parallel",
             "Megatron's MoE layer refuses to train with tp > 1 without sequence parallelism",
             "set parallel.sequence_parallel=true (or leave it unset: it then follows tp)")

@@ -222,9 +222,12 @@ def test_num_experts_divisible_by_ep() -> None:
 
 
 def test_heads_divisible_by_tp() -> None:
+    """4 heads but 2 query groups: tp=3 is refused on the heads, and the sizes offered must
+    also split the query groups (not {1, 2, 4}, which would then refuse tp=4)."""
     message = load_error(["parallel.tp=3"], world_size=3)
-    assert "parallel.tp" in message and "num_attention_heads=4" in message
-    assert "{1, 2, 4}" in message
+    assert "parallel.tp" in message and "num_attention_heads=4 is not divisible by tp=3" in message
+    assert "choose parallel.tp in {1, 2}" in message, message
+    assert load_config(TINY, ["parallel.tp=2"], world_size=2).parallel.tp == 2
 
 
 def test_moe_with_tp_gets_sequence_parallel_unless_turned_off() -> None:
@@ -400,3 +403,4 @@ def test_settings_that_nothing_would_read_are_refused() -> None:
     assert "model.kv_lora_rank" in message and "multi_latent_attention=true" in message
     message = load_error(["model.yarn_beta_fast=16"])
     assert "model.yarn_beta_fast" in message and "rope_scaling=yarn" in message
+

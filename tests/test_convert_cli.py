@@ -166,3 +166,47 @@ def test_deepseek_v3_without_renormalised_top_k_is_refused_before_any_work(tmp_p
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and "norm_topk_prob" in lines[0], run.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kv_heads", [1, 4])
+def test_config_that_disagrees_with_the_weights_is_refused_before_reading(qwen2_bf16, tmp_path,
+                                                                         kv_heads):
+    """config.json's num_key_value_heads below the weights' would let the first rows of k and v
+    fit the parameter (a silently wrong model); above them, reads would run into the next
+    tensor. Both are refused, naming the tensor and both shapes, and nothing is written."""
+    import shutil
+
+    src = tmp_path / "hf"
+    shutil.copytree(qwen2_bf16, src)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(config | {"num_key_value_heads": kv_heads}))
+    run = _cli("hf-to-mcore", str(src), str(tmp_path / "out"))
+    assert run.returncode == 1
+    lines = run.stderr.strip().splitlines()
+    hd = COMMON["hidden_size"] // COMMON["num_attention_heads"]
+    assert lines[-1].count("k_proj.weight is (16, 32), the model needs "
+                           f"({kv_heads * hd}, 32)") == 1, run.stderr[-2000:]
+    assert f"num_key_value_heads={kv_heads}" in lines[-1]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("change", [{"hidden_size": 64},
+                                    {"architectures": ["LlamaForCausalLM"],
+                                     "model_type": "llama"}])
+def test_an_hf_source_of_another_model_is_refused(qwen2_bf16, round_trip, tmp_path, change):
+    """--hf-source gives the export its config keys and tokenizer: another model's would be
+    mixed into this one's files."""
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(qwen2_bf16, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps(config | change))
+    run = _cli("mcore-to-hf", str(round_trip["mcore"]), str(tmp_path / "out"),
+               "--hf-source", str(other))
+    assert run.returncode == 1
+    line = run.stderr.strip().splitlines()[-1]
+    assert "--hf-source" in line and "not the model this checkpoint was trained from" in line
+    assert ("hidden_size=64 there, 32 here" in line if "hidden_size" in change
+            else "a llama model, the checkpoint holds qwen2" in line), line
+    assert not (tmp_path / "out").exists()

@@ -23,7 +23,7 @@ from megatron_rl.config import load_config
 from megatron_rl.configurable import from_dict
 from megatron_rl.convert import hf_model_config
 from megatron_rl.convert.bare import BareModel
-from megatron_rl.convert.registry import ARCHS, fp8_block, read_hf_config
+from megatron_rl.convert.registry import ARCHS, arch_for, fp8_block, read_hf_config
 from megatron_rl.convert.validate import check_destination, check_mcore_source
 
 
@@ -76,6 +76,26 @@ def _describe(arch_name: str, model: ModelConfig, dtype: str) -> str:
     return f"{arch_name}, {model.num_layers} layers, {experts}, {dtype}"
 
 
+_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+
+
+def _check_same_model(origin: Path, base: dict, arch, ours: dict) -> None:
+    """The HF source whose config and tokenizer an export takes must be the checkpoint's model:
+    the same architecture and sizes (else its tokenizer and keys would be mixed into another
+    model's files)."""
+    try:
+        theirs = arch_for(base).name
+    except ValueError:
+        theirs = base.get("model_type")
+    differ = [f"{k}={base[k]!r} there, {ours[k]!r} here" for k in _SIZES
+              if k in base and k in ours and base[k] != ours[k]]
+    if theirs != arch.name or differ:
+        what = (f"a {theirs} model, the checkpoint holds {arch.name}" if theirs != arch.name
+                else ", ".join(differ))
+        raise ValueError(f"--hf-source {origin}: not the model this checkpoint was trained from "
+                         f"({what}); pass the HF checkpoint it came from, or none")
+
+
 def hf_to_mcore(src: str, dst: str, overrides: list[str], *, overwrite: bool = False,
                 dtype: str | None = None) -> str:
     """HF checkpoint -> Megatron dist checkpoint at `dst` (collective); returns its path.
@@ -120,6 +140,8 @@ def mcore_to_hf(src: str, dst: str, overrides: list[str], *, overwrite: bool = F
     base = read_hf_config(origin) if origin is not None else info.get("hf_config") or {}
     dtype = dtype or info.get("dtype") or source_dtype(base)
     ours = {k: v for k, v in arch.hf_config(model).items() if k not in ("torch_dtype", "dtype")}
+    if origin is not None:  # its tokenizer and keys must be this model's
+        _check_same_model(origin, base, arch, ours)
     # the weights go out dequantized (an FP8 source is read as bf16): no quantization_config
     config = {k: v for k, v in {**base, **ours}.items() if k != "quantization_config"}
     # the dtype under the key(s) the source used (transformers 5 writes `dtype`, 4.x

@@ -233,6 +233,49 @@ def _check_extras(reader: SafetensorsReader, arch: Arch, num_layers: int) -> Non
 _HF_LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
+def _full_shapes(t: Target, model_cfg) -> dict[str, tuple[int, ...]]:
+    """The whole HF tensor shape(s) this rank's parameter implies: its local shape times the
+    TP split of its kind, and for fused QKV the heads, query groups and head size of the model
+    config. Checked before anything is read: a row slice of a tensor of another shape can fit
+    the parameter and load silently wrong (config.json's num_key_value_heads below the
+    weights' takes the first rows of k and v)."""
+    names, kind, shape = t.rule.hf_names(t.layer, t.expert), t.rule.kind, tuple(t.param.shape)
+    size = _shard(t).size
+    if kind == "column":
+        return {names[0]: (shape[0] * size, *shape[1:])}
+    if kind == "glu":
+        return {n: (shape[0] // 2 * size, *shape[1:]) for n in names}
+    if kind == "row":
+        return {names[0]: (shape[0], shape[1] * size, *shape[2:])}
+    if kind == "vocab":
+        return {names[0]: (model_cfg.vocab_size, *shape[1:])}
+    if kind == "qkv":
+        heads = model_cfg.num_attention_heads
+        groups = model_cfg.num_query_groups or heads
+        hd = model_cfg.kv_channels or model_cfg.hidden_size // heads
+        q, k, v = names
+        return {q: (heads * hd, *shape[1:]), k: (groups * hd, *shape[1:]),
+                v: (groups * hd, *shape[1:])}
+    return {names[0]: shape}
+
+
+def _check_shapes(reader: SafetensorsReader, todo: list[Target], model_cfg, path: str) -> None:
+    """Every checkpoint tensor this rank reads has the shape the model implies (one error
+    naming the first few that do not, and the config keys that size attention)."""
+    wrong = [f"{n} is {reader.shape(n)}, the model needs {want}"
+             for t in todo for n, want in _full_shapes(t, model_cfg).items()
+             if tuple(reader.shape(n)) != want]
+    if wrong:
+        more = f" (and {len(wrong) - 3} more)" if len(wrong) > 3 else ""
+        m = model_cfg
+        raise CheckpointError(
+            f"{path}: tensor shapes disagree with config.json: {'; '.join(wrong[:3])}{more} "
+            f"(model: hidden_size={m.hidden_size}, num_attention_heads={m.num_attention_heads}, "
+            f"num_key_value_heads={m.num_query_groups or m.num_attention_heads}, "
+            f"head_dim={m.kv_channels or m.hidden_size // m.num_attention_heads}, "
+            f"vocab_size={m.vocab_size})")
+
+
 @torch.no_grad()
 def load_hf(chunks: list[torch.nn.Module], arch: Arch, model_cfg, path: str,
             padded_vocab: int, progress: bool = True) -> dict[str, float]:
@@ -244,6 +287,7 @@ def load_hf(chunks: list[torch.nn.Module], arch: Arch, model_cfg, path: str,
     if missing:
         more = f" (and {len(missing) - 10} more)" if len(missing) > 10 else ""
         raise CheckpointError(f"{path}: missing tensors {missing[:10]}{more}")
+    _check_shapes(reader, todo, model_cfg, path)
     start = time.perf_counter()
     for i, t in enumerate(todo):
         if not _read_in_place(reader, t, model_cfg, padded_vocab):
