@@ -20,7 +20,7 @@ from megatron.core import parallel_state as ps
 
 from megatron_rl.atomic import delete_aside
 from megatron_rl.convert import te_names
-from megatron_rl.convert.load import Target, targets
+from megatron_rl.convert.load import Target, qkv_dims, targets
 from megatron_rl.convert.maps import TIED_OUTPUT, Arch
 from megatron_rl.convert.reader import INDEX
 from megatron_rl.convert.writer import StreamingSafetensors
@@ -57,9 +57,7 @@ def _split(t: Target, full: torch.Tensor, model_cfg) -> list[torch.Tensor]:
     if kind == "vocab":
         return [full[: model_cfg.vocab_size]]
     if kind == "qkv":
-        heads = model_cfg.num_attention_heads
-        groups = model_cfg.num_query_groups or heads
-        hd = model_cfg.kv_channels or model_cfg.hidden_size // heads
+        heads, groups, hd = qkv_dims(model_cfg)
         hpg = heads // groups
         per_group = full.reshape(groups, (hpg + 2) * hd, *full.shape[1:])
         q, k, v = per_group.split([hpg * hd, hd, hd], dim=1)

@@ -110,6 +110,14 @@ def targets(chunks: list[torch.nn.Module], arch: Arch, model_cfg) -> Iterator[Ta
             yield Target(name, param, rules[template], layer, expert, is_expert, duplicated)
 
 
+def qkv_dims(model_cfg) -> tuple[int, int, int]:
+    """(attention heads, query groups, head size) of a GQA model: how fused QKV rows are laid
+    out (per query group, its q heads then one k and one v head)."""
+    heads = model_cfg.num_attention_heads
+    return (heads, model_cfg.num_query_groups or heads,
+            model_cfg.kv_channels or model_cfg.hidden_size // heads)
+
+
 def _read_local(reader: SafetensorsReader, t: Target, model_cfg, padded_vocab: int) -> torch.Tensor:
     """This rank's part of the Megatron tensor, read slice by slice from the checkpoint."""
     names = t.rule.hf_names(t.layer, t.expert)
@@ -125,7 +133,7 @@ def _read_local(reader: SafetensorsReader, t: Target, model_cfg, padded_vocab: i
         return torch.cat([reader.read(n, rows=shard.range(reader.shape(n)[0], n)) for n in names])
     if kind == "vocab":
         return _read_vocab(reader, names[0], shard, padded_vocab)
-    return _read_qkv(reader, names, shard, model_cfg)
+    return torch.cat([reader.read(n, rows=r) for n, r in _row_parts(reader, t, model_cfg, 0)])
 
 
 def _row_parts(reader: SafetensorsReader, t: Target, model_cfg, padded_vocab: int
@@ -144,9 +152,7 @@ def _row_parts(reader: SafetensorsReader, t: Target, model_cfg, padded_vocab: in
     if kind == "row":
         return None
     q, k, v = names  # fused QKV: per query group [its q heads, k, v]
-    heads = model_cfg.num_attention_heads
-    groups = model_cfg.num_query_groups or heads
-    hd = model_cfg.kv_channels or model_cfg.hidden_size // heads
+    heads, groups, hd = qkv_dims(model_cfg)
     hpg = heads // groups
     g_lo, g_hi = shard.range(groups, f"{q} (query groups)")
     return [part for g in range(g_lo, g_hi) for part in (
@@ -187,22 +193,6 @@ def _read_vocab(reader: SafetensorsReader, name: str, shard: Shard, padded: int)
     if lo < vocab:
         out[: min(hi, vocab) - lo] = reader.read(name, rows=(lo, min(hi, vocab)))
     return out
-
-
-def _read_qkv(reader: SafetensorsReader, names: list[str], shard: Shard, m) -> torch.Tensor:
-    """Megatron's fused QKV rows for this rank's query groups: per group [q heads, k, v]."""
-    q, k, v = names
-    heads = m.num_attention_heads
-    groups = m.num_query_groups or heads
-    hd = m.kv_channels or m.hidden_size // heads
-    hpg = heads // groups
-    g_lo, g_hi = shard.range(groups, f"{q} (query groups)")
-    parts = []
-    for g in range(g_lo, g_hi):
-        parts.append(reader.read(q, rows=(g * hpg * hd, (g + 1) * hpg * hd)))
-        parts.append(reader.read(k, rows=(g * hd, (g + 1) * hd)))
-        parts.append(reader.read(v, rows=(g * hd, (g + 1) * hd)))
-    return torch.cat(parts)
 
 
 def _check_extras(reader: SafetensorsReader, arch: Arch, num_layers: int) -> None:
@@ -250,9 +240,7 @@ def _full_shapes(t: Target, model_cfg) -> dict[str, tuple[int, ...]]:
     if kind == "vocab":
         return {names[0]: (model_cfg.vocab_size, *shape[1:])}
     if kind == "qkv":
-        heads = model_cfg.num_attention_heads
-        groups = model_cfg.num_query_groups or heads
-        hd = model_cfg.kv_channels or model_cfg.hidden_size // heads
+        heads, groups, hd = qkv_dims(model_cfg)
         q, k, v = names
         return {q: (heads * hd, *shape[1:]), k: (groups * hd, *shape[1:]),
                 v: (groups * hd, *shape[1:])}
@@ -267,13 +255,11 @@ def _check_shapes(reader: SafetensorsReader, todo: list[Target], model_cfg, path
              if tuple(reader.shape(n)) != want]
     if wrong:
         more = f" (and {len(wrong) - 3} more)" if len(wrong) > 3 else ""
-        m = model_cfg
+        heads, groups, hd = qkv_dims(model_cfg)
         raise CheckpointError(
             f"{path}: tensor shapes disagree with config.json: {'; '.join(wrong[:3])}{more} "
-            f"(model: hidden_size={m.hidden_size}, num_attention_heads={m.num_attention_heads}, "
-            f"num_key_value_heads={m.num_query_groups or m.num_attention_heads}, "
-            f"head_dim={m.kv_channels or m.hidden_size // m.num_attention_heads}, "
-            f"vocab_size={m.vocab_size})")
+            f"(model: hidden_size={model_cfg.hidden_size}, num_attention_heads={heads}, "
+            f"num_key_value_heads={groups}, head_dim={hd}, vocab_size={model_cfg.vocab_size})")
 
 
 @torch.no_grad()

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 
-_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
-           torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16",
-           torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+from megatron_rl.convert.reader import DTYPES
+
+_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+"""torch dtype -> safetensors dtype name (the reader's table, inverted)."""
 
 
 class StreamingSafetensors:
@@ -39,10 +40,10 @@ class StreamingSafetensors:
         return json.dumps({**self._entries, **(extra or {})}, separators=(",", ":")).encode()
 
     def _entry(self, tensor: torch.Tensor) -> dict:
-        if tensor.dtype not in _DTYPES:
+        if tensor.dtype not in _NAMES:
             raise TypeError(f"{tensor.dtype} has no safetensors dtype")
         size = tensor.numel() * tensor.element_size()
-        return {"dtype": _DTYPES[tensor.dtype], "shape": list(tensor.shape),
+        return {"dtype": _NAMES[tensor.dtype], "shape": list(tensor.shape),
                 "data_offsets": [self.nbytes, self.nbytes + size]}
 
     def fits(self, name: str, tensor: torch.Tensor) -> bool:
